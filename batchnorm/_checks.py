@@ -1,0 +1,121 @@
+"""Input validation shared by every op and module.
+
+Every message names the op, what was expected, what came, and how to fix it. These checks run
+before any state is touched, so a rejected call leaves parameters and buffers as they were.
+Never ``assert`` here: asserts vanish under ``python -O``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_RANK_HINT = {2: "(N, C)", 3: "(N, C, L)", 4: "(N, C, H, W)", 5: "(N, C, D, H, W)"}
+_MODULE_FOR_RANK = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}
+
+ACTIVATIONS = ("identity", "relu", "leaky_relu", "elu")
+
+
+def check_tensor(op: str, x: object, name: str = "input") -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: expected {name} to be a torch.Tensor, got {type(x).__name__}; "
+                        f"convert it with torch.as_tensor(...)")
+    if not x.is_floating_point():
+        raise TypeError(f"{op}: expected a floating-point {name} (float16/bfloat16/float32/float64), "
+                        f"got dtype {x.dtype}; cast it first, e.g. {name}.float()")
+    return x
+
+
+def check_input(
+    op: str,
+    x: object,
+    *,
+    ranks: tuple[int, ...] = (2, 3, 4, 5),
+    channel_axis: int = 1,
+    num_features: int | None = None,
+    training: bool = False,
+) -> tuple[torch.Tensor, int]:
+    """Validate a BN input; return it with the channel axis made non-negative."""
+    x = check_tensor(op, x)
+    if x.ndim not in ranks:
+        want = " or ".join(f"{r}-D {_RANK_HINT.get(r, '')}".strip() for r in ranks)
+        hint = ""
+        if x.ndim in _MODULE_FOR_RANK and len(ranks) < 4:
+            hint = f"; use {_MODULE_FOR_RANK[x.ndim]} for {_RANK_HINT[x.ndim]} input"
+        elif x.ndim not in _MODULE_FOR_RANK:
+            hint = "; batch norm takes inputs of rank 2 to 5 with channels on one axis"
+        raise ValueError(f"{op}: expected {want} input, got {x.ndim}-D input of shape {tuple(x.shape)}{hint}")
+    if not -x.ndim <= channel_axis < x.ndim:
+        raise ValueError(f"{op}: channel_axis={channel_axis} is out of range for a {x.ndim}-D input; "
+                         f"use 1 for channels-first or -1 for channels-last")
+    axis = channel_axis % x.ndim
+    if x.numel() == 0:
+        raise ValueError(f"{op}: got an empty input of shape {tuple(x.shape)}; batch statistics of no "
+                         f"values are undefined - skip the call for empty batches")
+    c = x.shape[axis]
+    if num_features is not None and c != num_features:
+        raise ValueError(f"{op}: expected {num_features} channels on axis {axis}, got {c} "
+                         f"(input shape {tuple(x.shape)}); build the layer with num_features={c}, "
+                         f"or set channel_axis to the axis that holds the channels")
+    if training and x.numel() // c <= 1:
+        raise ValueError(f"{op}: expected more than 1 value per channel when training, got input shape "
+                         f"{tuple(x.shape)} (1 value per channel, variance undefined); use a batch of "
+                         f"at least 2, or eval mode")
+    return x, axis
+
+
+def check_channel_tensor(op: str, name: str, t: object, c: int, *, x: torch.Tensor | None = None) -> None:
+    """``t`` must be None or a floating 1-D tensor of ``c`` elements (on ``x``'s device)."""
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: expected {name} to be a torch.Tensor or None, got {type(t).__name__}")
+    if t.shape != (c,):
+        raise ValueError(f"{op}: expected {name} of shape ({c},) for {c} channels, got shape "
+                         f"{tuple(t.shape)}; it must hold one value per channel")
+    if not t.is_floating_point():
+        raise TypeError(f"{op}: expected a floating-point {name}, got dtype {t.dtype}")
+    if x is not None and t.device != x.device:
+        raise ValueError(f"{op}: {name} is on {t.device} but the input is on {x.device}; move them "
+                         f"to one device (module.to(x.device))")
+
+
+def check_eps(op: str, eps: object) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, int | float) or not eps >= 0:
+        raise ValueError(f"{op}: expected eps to be a number >= 0, got {eps!r}; typical values are 1e-5 "
+                         f"(PyTorch) or 1e-3 (Keras)")
+    return float(eps)
+
+
+def check_momentum(op: str, momentum: object) -> float | None:
+    if momentum is None:
+        return None
+    if isinstance(momentum, bool) or not isinstance(momentum, int | float) or not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"{op}: expected momentum in [0, 1] or None (cumulative average), got "
+                         f"{momentum!r}; PyTorch's momentum is the weight of the new batch (0.1), Keras's "
+                         f"0.99 decay is momentum=0.01")
+    return float(momentum)
+
+
+def check_activation(op: str, activation: object, negative_slope: object) -> tuple[str, float]:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{op}: unknown activation {activation!r}; expected one of {', '.join(ACTIVATIONS)}")
+    if isinstance(negative_slope, bool) or not isinstance(negative_slope, int | float):
+        raise TypeError(f"{op}: expected negative_slope to be a number, got {negative_slope!r}")
+    return str(activation), float(negative_slope)
+
+
+def check_num_features(op: str, num_features: object) -> int:
+    if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features <= 0:
+        raise ValueError(f"{op}: expected num_features to be a positive int, got {num_features!r}")
+    return num_features
+
+
+NONFINITE = ("update", "skip", "raise")
+
+
+def check_nonfinite(op: str, nonfinite: object) -> str:
+    if nonfinite not in NONFINITE:
+        raise ValueError(f"{op}: expected nonfinite to be one of {NONFINITE}, got {nonfinite!r}: 'update' "
+                         f"folds any batch into the running statistics (PyTorch), 'skip' ignores a batch "
+                         f"whose statistics are NaN/Inf, 'raise' raises on it")
+    return str(nonfinite)

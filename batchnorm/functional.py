@@ -1,0 +1,274 @@
+"""Batch Normalization as pure torch functions: state in, state out.
+
+Two families live here:
+
+* the ``tf.nn`` style pair :func:`moments` and :func:`batch_norm` (reference article 002)::
+
+      mean, variance = moments(x, axes=[0, 2, 3])
+      y = batch_norm(x, mean, variance, offset=beta, scale=gamma, variance_epsilon=1e-3)
+
+  ``batch_norm`` computes ``scale · (x − mean) / sqrt(variance + ε) + offset`` with broadcasting
+  and is differentiable through every argument (plain torch ops);
+
+* the training/eval pair that the modules use, with the hand-derived backward
+  (:class:`batchnorm.autograd.BatchNormTrainFn`) and the fast kernels where they apply::
+
+      y, state = batch_norm_train(x, running_mean, running_var, weight, bias,
+                                  momentum=0.1, eps=1e-5, num_batches_tracked=nbt)
+      y = batch_norm_eval(x, state.mean, state.var, weight, bias, eps=1e-5)
+
+  :func:`batch_norm_train` never writes into its arguments: it returns the new running statistics
+  as a :class:`RunningStats`; the caller decides where they go.
+
+Conventions: channels on ``channel_axis`` (1 = channels-first such as NCHW, -1 = channels-last such
+as NHWC); ranks 2 to 5. Normalisation uses the biased batch variance with ε inside the square root.
+``momentum`` is PyTorch's weight of the new batch (Keras's ``decay=0.99`` is ``momentum=0.01``) and
+``None`` means the cumulative average. ``running_var`` stores the unbiased variance
+``var · n/(n−1)`` like PyTorch, or the biased one (Keras, Flax) with ``running_var_unbiased=False``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+
+from ._checks import (
+    check_activation,
+    check_channel_tensor,
+    check_eps,
+    check_input,
+    check_momentum,
+    check_nonfinite,
+    check_tensor,
+)
+from .autograd import BatchNormEvalFn, BatchNormTrainFn
+from .stats import acc_dtype
+
+__all__ = [
+    "RunningStats",
+    "batch_norm",
+    "batch_norm_eval",
+    "batch_norm_train",
+    "moments",
+    "update_running_stats",
+]
+
+
+class RunningStats(NamedTuple):
+    """Population estimates after a training step (None where not tracked)."""
+
+    mean: torch.Tensor | None
+    var: torch.Tensor | None
+    num_batches_tracked: torch.Tensor | None
+
+
+def moments(
+    x: torch.Tensor, axes: Sequence[int] | None = None, keepdim: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and biased variance of ``x`` over ``axes`` (``tf.nn.moments``).
+
+    Two-pass (mean first, then mean squared deviation), accumulated in float32 for half-precision
+    input and returned in ``x``'s dtype. Differentiable.
+
+    Args:
+        x: floating tensor.
+        axes: axes to reduce; default all but axis 1 (per-channel statistics of NC... input).
+        keepdim: keep reduced axes with size 1 (``keep_dims`` in TensorFlow).
+
+    Example:
+        >>> x = torch.randn(8, 3, 4, 4)
+        >>> mean, var = moments(x, axes=[0, 2, 3])
+        >>> mean.shape
+        torch.Size([3])
+    """
+    op = "batchnorm.moments"
+    x = check_tensor(op, x)
+    if x.numel() == 0:
+        raise ValueError(f"{op}: got an empty input of shape {tuple(x.shape)}; moments of no values are undefined")
+    if axes is None:
+        if x.ndim < 2:
+            raise ValueError(f"{op}: default axes need an input of rank >= 2, got {x.ndim}-D; pass axes=")
+        axes = [d for d in range(x.ndim) if d != 1]
+    dims = []
+    for a in axes:
+        if not isinstance(a, int) or not -x.ndim <= a < x.ndim:
+            raise ValueError(f"{op}: axis {a!r} is out of range for a {x.ndim}-D input")
+        dims.append(a % x.ndim)
+    if len(set(dims)) != len(dims):
+        raise ValueError(f"{op}: repeated axis in axes={list(axes)}")
+    xa = x.to(acc_dtype(x.dtype))
+    mean = xa.mean(dim=dims, keepdim=True)
+    var = ((xa - mean) ** 2).mean(dim=dims, keepdim=keepdim)
+    if not keepdim:
+        mean = mean.squeeze(dims) if dims else mean
+    return mean.to(x.dtype), var.to(x.dtype)
+
+
+def batch_norm(
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    variance: torch.Tensor,
+    offset: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+    variance_epsilon: float = 1e-3,
+) -> torch.Tensor:
+    """``scale · (x − mean) / sqrt(variance + variance_epsilon) + offset`` (``tf.nn.batch_normalization``).
+
+    All of ``mean``, ``variance``, ``offset``, ``scale`` broadcast against ``x`` (for NCHW input use
+    shape ``(C, 1, 1)`` or ``keepdim=True`` moments; for NHWC, shape ``(C,)``). ``offset`` (β) and
+    ``scale`` (γ) may be None. Differentiable through every tensor argument.
+
+    Example:
+        >>> x = torch.randn(16, 4)
+        >>> m, v = moments(x, axes=[0])
+        >>> y = batch_norm(x, m, v, variance_epsilon=1e-5)
+    """
+    op = "batchnorm.batch_norm"
+    x = check_tensor(op, x)
+    variance_epsilon = check_eps(op, variance_epsilon)
+    parts = {"mean": mean, "variance": variance, "offset": offset, "scale": scale}
+    for name, t in parts.items():
+        if t is None:
+            if name in ("mean", "variance"):
+                raise TypeError(f"{op}: {name} is required (a tensor broadcastable to the input)")
+            continue
+        t = check_tensor(op, t, name)
+        try:
+            torch.broadcast_shapes(t.shape, x.shape)
+        except RuntimeError:
+            raise ValueError(f"{op}: {name} of shape {tuple(t.shape)} does not broadcast against the input of "
+                             f"shape {tuple(x.shape)}; for NCHW input give it shape (C, 1, 1)") from None
+    inv = torch.rsqrt(variance + variance_epsilon)
+    if scale is not None:
+        inv = inv * scale
+    y = (x - mean) * inv
+    return y + offset if offset is not None else y
+
+
+def update_running_stats(
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    batch_mean: torch.Tensor,
+    batch_var: torch.Tensor,
+    n: int,
+    momentum: float | None = 0.1,
+    num_batches_tracked: torch.Tensor | None = None,
+    unbiased: bool = True,
+) -> RunningStats:
+    """One step of the population estimates; returns new tensors, changes nothing.
+
+    ``r ← (1 − f) · r + f · s`` with ``f = momentum``, or ``f = 1 / (t + 1)`` for ``momentum=None``
+    (``t`` batches tracked so far) which makes ``r`` the equal-weight average of every batch seen.
+    ``batch_var`` is biased; it is stored as ``batch_var · n / (n − 1)`` when ``unbiased``.
+    """
+    nbt = None if num_batches_tracked is None else num_batches_tracked + 1
+    if momentum is None:
+        if nbt is None:
+            raise ValueError("batchnorm.update_running_stats: momentum=None (cumulative average) needs "
+                             "num_batches_tracked; pass the count of batches seen so far")
+        factor = 1.0 / float(nbt)
+    else:
+        factor = float(momentum)
+    acc = acc_dtype(running_mean.dtype)
+    bv = batch_var.to(acc) * (n / (n - 1) if unbiased and n > 1 else 1.0)
+    new_mean = (factor * batch_mean.to(acc) + (1.0 - factor) * running_mean.to(acc)).to(running_mean.dtype)
+    new_var = (factor * bv + (1.0 - factor) * running_var.to(acc)).to(running_var.dtype)
+    return RunningStats(new_mean, new_var, nbt)
+
+
+def batch_norm_train(
+    x: torch.Tensor,
+    running_mean: torch.Tensor | None = None,
+    running_var: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    *,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    num_batches_tracked: torch.Tensor | None = None,
+    channel_axis: int = 1,
+    activation: str = "identity",
+    negative_slope: float = 0.01,
+    running_var_unbiased: bool = True,
+    nonfinite: str = "update",
+) -> tuple[torch.Tensor, RunningStats]:
+    """Training-mode BN: normalise with batch statistics, return the output and new running stats.
+
+    ``y = act(γ · (x − μ_B) / sqrt(σ²_B + ε) + β)`` with per-channel batch mean ``μ_B`` and biased
+    variance ``σ²_B``. The backward is the closed form of article 003 (fused with the activation).
+
+    Args:
+        x: input of rank 2–5, channels on ``channel_axis``.
+        running_mean, running_var: current population estimates, or None to track nothing.
+        weight, bias: γ and β of shape (C,), or None.
+        momentum: weight of this batch in the EMA; None = cumulative average.
+        eps: added to the variance inside the square root.
+        num_batches_tracked: batches seen so far (0-d long tensor), incremented in the result.
+        channel_axis: 1 (channels-first) or -1 (channels-last), any axis works.
+        activation: "identity", "relu", "leaky_relu" or "elu" fused after the affine step.
+        negative_slope: leaky_relu slope, or elu's α.
+        running_var_unbiased: store ``σ²_B · n/(n−1)`` (PyTorch) or ``σ²_B`` (Keras/Flax).
+        nonfinite: what a batch with NaN/Inf statistics does to the running stats: "update" (fold it
+            in, like PyTorch), "skip" (leave them and the batch count as they were), "raise".
+
+    Returns:
+        ``(y, RunningStats(mean, var, num_batches_tracked))``; the stats are the inputs unchanged
+        when nothing is tracked or the batch was skipped.
+    """
+    op = "batchnorm.batch_norm_train"
+    x, axis = check_input(op, x, channel_axis=channel_axis, training=True)
+    c = x.shape[axis]
+    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
+        check_channel_tensor(op, name, t, c, x=x)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{op}: give both running_mean and running_var, or neither")
+    eps = check_eps(op, eps)
+    momentum = check_momentum(op, momentum)
+    act, slope = check_activation(op, activation, negative_slope)
+    nonfinite = check_nonfinite(op, nonfinite)
+    if momentum is None and running_mean is not None and num_batches_tracked is None:
+        raise ValueError(f"{op}: momentum=None (cumulative average) needs num_batches_tracked")
+
+    y, mean, var = BatchNormTrainFn.apply(x, weight, bias, eps, axis, act, slope)
+    old = RunningStats(running_mean, running_var, num_batches_tracked)
+    if running_mean is None:
+        return y, old
+    if nonfinite != "update" and not bool(torch.isfinite(mean).all() & torch.isfinite(var).all()):
+        if nonfinite == "raise":
+            raise FloatingPointError(f"{op}: this batch's statistics contain NaN or Inf (the input holds "
+                                     f"non-finite values); running statistics were left unchanged. Check "
+                                     f"the data/learning rate, or use nonfinite='skip' to ignore such batches")
+        return y, old
+    n = x.numel() // c
+    return y, update_running_stats(running_mean, running_var, mean, var, n, momentum,
+                                   num_batches_tracked, running_var_unbiased)
+
+
+def batch_norm_eval(
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    *,
+    eps: float = 1e-5,
+    channel_axis: int = 1,
+    activation: str = "identity",
+    negative_slope: float = 0.01,
+) -> torch.Tensor:
+    """Inference-mode BN with given population statistics: ``act(γ (x − mean)/sqrt(var + ε) + β)``.
+
+    Gradients flow to ``x``, ``weight`` and ``bias``; the statistics are treated as constants.
+    """
+    op = "batchnorm.batch_norm_eval"
+    x, axis = check_input(op, x, channel_axis=channel_axis)
+    c = x.shape[axis]
+    if mean is None or var is None:
+        raise TypeError(f"{op}: mean and var are required; for batch statistics use batch_norm_train")
+    for name, t in (("mean", mean), ("var", var), ("weight", weight), ("bias", bias)):
+        check_channel_tensor(op, name, t, c, x=x)
+    eps = check_eps(op, eps)
+    act, slope = check_activation(op, activation, negative_slope)
+    return BatchNormEvalFn.apply(x, mean.detach(), var.detach(), weight, bias, eps, axis, act, slope)

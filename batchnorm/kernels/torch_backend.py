@@ -1,0 +1,143 @@
+"""The torch composite backend: the fallback that runs everywhere (CPU, CUDA, any float dtype, any layout).
+
+Each function has the signature every backend shares (see :mod:`batchnorm.kernels`). They are
+written with differentiable torch ops and never modify their inputs, so the same formulas also
+serve double backward (autograd differentiates through them).
+
+Statistics come from :func:`batchnorm.stats.batch_moments` (two-pass, accumulation in ≥ float32);
+normalisation is ``(x − mean) · (γ / sqrt(var + ε)) + β`` in the accumulation dtype, cast back to
+the input dtype. Subtracting the mean first keeps float32 exact to rounding even for data with
+``|mean| ≫ std`` (the folded ``x · scale + shift`` form would cancel there).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..stats import acc_dtype, batch_moments, reduce_dims
+
+name = "torch"
+
+
+def _view(t: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
+    shape = [1] * ndim
+    shape[axis] = -1
+    return t.reshape(shape)
+
+
+def act_forward(z: torch.Tensor, act: str, slope: float) -> torch.Tensor:
+    if act == "identity":
+        return z
+    if act == "relu":
+        return torch.relu(z)
+    if act == "leaky_relu":
+        return torch.nn.functional.leaky_relu(z, slope)
+    if act == "elu":
+        return torch.nn.functional.elu(z, slope)
+    raise ValueError(f"batchnorm: unknown activation {act!r}")
+
+
+def act_grad_from_output(y: torch.Tensor, act: str, slope: float) -> torch.Tensor | None:
+    """d act/dz expressed through the output y = act(z) (None for identity).
+
+    relu: 1 where y > 0; leaky_relu (slope > 0): 1 where y > 0 else slope; elu: 1 where y > 0
+    else y + α. At z = 0 this gives 0 for relu and slope for leaky_relu, as torch does.
+    """
+    if act == "identity":
+        return None
+    pos = y > 0
+    if act == "relu":
+        return pos.to(y.dtype)
+    if act == "leaky_relu":
+        return torch.where(pos, 1.0, slope).to(y.dtype)
+    if act == "elu":
+        return torch.where(pos, torch.ones_like(y), y + slope)
+    raise ValueError(f"batchnorm: unknown activation {act!r}")
+
+
+def _act_grad_from_input(z: torch.Tensor, act: str, slope: float) -> torch.Tensor | None:
+    if act == "identity":
+        return None
+    if act == "relu":
+        return (z > 0).to(z.dtype)
+    if act == "leaky_relu":
+        return torch.where(z > 0, 1.0, slope).to(z.dtype)
+    if act == "elu":
+        return torch.where(z > 0, torch.ones_like(z), slope * torch.exp(z.clamp_max(0)))
+    raise ValueError(f"batchnorm: unknown activation {act!r}")
+
+
+def supports(x: torch.Tensor, channel_axis: int, act: str) -> bool:
+    return True
+
+
+def eval_forward(x, mean, var, weight, bias, eps, channel_axis, act, slope):
+    """``act((x − mean) · γ / sqrt(var + ε) + β)`` with given statistics; output in x's dtype."""
+    acc = acc_dtype(x.dtype)
+    nd = x.ndim
+    invstd = torch.rsqrt(var.to(acc) + eps)
+    scale = invstd if weight is None else invstd * weight.to(acc)
+    z = (x.to(acc) - _view(mean.to(acc), nd, channel_axis)) * _view(scale, nd, channel_axis)
+    if bias is not None:
+        z = z + _view(bias.to(acc), nd, channel_axis)
+    return act_forward(z, act, slope).to(x.dtype)
+
+
+def train_forward(x, weight, bias, eps, channel_axis, act, slope):
+    """Training forward: returns ``(y, batch_mean, biased_batch_var)``; statistics in the acc dtype."""
+    mean, var, _ = batch_moments(x, channel_axis)
+    return eval_forward(x, mean, var, weight, bias, eps, channel_axis, act, slope), mean, var
+
+
+def backward(dy, x, y, weight, bias, mean, var, eps, channel_axis, act, slope):
+    """Closed-form training backward (reference article 003), with the activation folded in.
+
+    ``dz = dy · act'(z)``; per channel ``g = Σ dz``, ``h = Σ dz · x̂``::
+
+        ∂x = γ · invstd · (dz − g / n − x̂ · h / n),   ∂γ = h,   ∂β = g
+
+    ``y`` (the op's output) is only needed for non-identity activations. Returns
+    ``(dx, dweight, dbias)``; ``dweight``/``dbias`` are None when ``weight``/``bias`` are.
+    """
+    acc = acc_dtype(x.dtype)
+    nd = x.ndim
+    dims = reduce_dims(nd, channel_axis)
+    n = x.numel() // x.shape[channel_axis]
+    invstd = torch.rsqrt(var.to(acc) + eps)
+    xhat = (x.to(acc) - _view(mean.to(acc), nd, channel_axis)) * _view(invstd, nd, channel_axis)
+    dz = dy.to(acc)
+    if act != "identity":
+        if y is None:  # recompute z (double-backward path)
+            z = xhat if weight is None else xhat * _view(weight.to(acc), nd, channel_axis)
+            if bias is not None:
+                z = z + _view(bias.to(acc), nd, channel_axis)
+            dz = dz * _act_grad_from_input(z, act, slope)
+        else:
+            dz = dz * act_grad_from_output(y.to(acc), act, slope)
+    g = dz.sum(dim=dims)
+    h = (dz * xhat).sum(dim=dims)
+    scale = invstd if weight is None else invstd * weight.to(acc)
+    dx = _view(scale, nd, channel_axis) * (dz - _view(g / n, nd, channel_axis) - xhat * _view(h / n, nd, channel_axis))
+    dweight = None if weight is None else h.to(weight.dtype)
+    dbias = None if bias is None else g.to(bias.dtype)
+    return dx.to(x.dtype), dweight, dbias
+
+
+def eval_backward(dy, x, y, weight, bias, mean, var, eps, channel_axis, act, slope):
+    """Backward of :func:`eval_forward` w.r.t. x, γ, β (the statistics are constants here)."""
+    acc = acc_dtype(x.dtype)
+    nd = x.ndim
+    dims = reduce_dims(nd, channel_axis)
+    invstd = torch.rsqrt(var.to(acc) + eps)
+    dz = dy.to(acc)
+    if act != "identity":
+        dz = dz * act_grad_from_output(y.to(acc), act, slope)
+    scale = invstd if weight is None else invstd * weight.to(acc)
+    dx = (dz * _view(scale, nd, channel_axis)).to(x.dtype)
+    dweight = dbias = None
+    if weight is not None:
+        xhat = (x.to(acc) - _view(mean.to(acc), nd, channel_axis)) * _view(invstd, nd, channel_axis)
+        dweight = (dz * xhat).sum(dim=dims).to(weight.dtype)
+    if bias is not None:
+        dbias = dz.sum(dim=dims).to(bias.dtype)
+    return dx, dweight, dbias
