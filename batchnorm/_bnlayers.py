@@ -1,0 +1,52 @@
+"""What counts as a BN layer for the lifecycle tools, and how to read its conventions.
+
+The lifecycle tools (recalibrate, freeze, fold, convert, checkpoint, diagnostics) work on our
+modules (:class:`batchnorm.modules._BatchNorm`), on every ``torch.nn.BatchNorm*`` (including
+``SyncBatchNorm`` and the lazy variants once materialised) and on :class:`batchnorm.freeze.FrozenBatchNorm`.
+Torch's modules have no ``channel_axis`` / ``running_var_unbiased`` / ``activation`` attributes:
+they are channels-first, store the unbiased variance and have no fused activation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from torch import nn
+
+from .modules import _BatchNorm
+
+_TORCH_BN = nn.modules.batchnorm._BatchNorm  # BatchNorm1d/2d/3d, SyncBatchNorm, LazyBatchNorm*
+
+
+# Other BN-like classes register here when their module is imported (freeze.py adds FrozenBatchNorm);
+# no instance of them can exist before that, so nothing is missed and there is no import cycle.
+_EXTRA: list[type] = []
+
+
+def register_bn_type(cls: type) -> None:
+    if cls not in _EXTRA:
+        _EXTRA.append(cls)
+
+
+def is_bn(module: nn.Module) -> bool:
+    """True for our BN modules, torch's ``_BatchNorm`` subclasses and registered types (FrozenBatchNorm)."""
+    return isinstance(module, (_BatchNorm, _TORCH_BN, *_EXTRA))
+
+
+def iter_bn(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``(qualified name, module)`` of every BN layer in ``model`` (the model itself included)."""
+    for name, m in model.named_modules():
+        if is_bn(m):
+            yield name, m
+
+
+def channel_axis(m: nn.Module) -> int:
+    return int(getattr(m, "channel_axis", 1))
+
+
+def running_var_unbiased(m: nn.Module) -> bool:
+    return bool(getattr(m, "running_var_unbiased", True))
+
+
+def activation(m: nn.Module) -> tuple[str, float]:
+    return str(getattr(m, "activation", "identity")), float(getattr(m, "negative_slope", 0.01))
