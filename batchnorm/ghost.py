@@ -322,7 +322,8 @@ class _GhostBatchNorm(_BatchNorm):
         op = type(self).__name__
         x, axis = check_input(op, input, ranks=self._ranks, channel_axis=self.channel_axis,
                               num_features=self.num_features, training=True)
-        track = self.training and self.running_mean is not None
+        # As torch: buffers present but track_running_stats switched off -> batch stats, no update.
+        track = self.training and self.track_running_stats and self.running_mean is not None
         y, new = ghost_batch_norm_train(
             x,
             self.running_mean if track else None,

@@ -325,8 +325,9 @@ class _BatchRenorm(_BatchNorm):
         return s
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if not (self.training and self.running_mean is not None):
-            # Inference (running statistics), or nothing to renormalise against: plain BN.
+        if not (self.training and self.track_running_stats and self.running_mean is not None):
+            # Inference (running statistics), or no running statistics to renormalise against (or
+            # tracking switched off after construction, as torch treats it): plain BN.
             return super().forward(input)
         op = type(self).__name__
         x, axis = check_input(op, input, ranks=self._ranks, channel_axis=self.channel_axis,

@@ -358,3 +358,14 @@ def test_too_few_values_per_ghost_batch_and_state_kept():
 def test_repr():
     s = repr(GhostBatchNorm2d(3, virtual_batch_size=8, remainder="merge_last", stats_update="sequential"))
     assert "virtual_batch_size=8" in s and "remainder='merge_last'" in s and "stats_update='sequential'" in s
+
+
+def test_tracking_switched_off_after_construction_uses_ghost_stats_without_update():
+    gb = GhostBatchNorm1d(3, virtual_batch_size=4, affine=False)
+    gb.track_running_stats = False
+    before = {k: v.clone() for k, v in gb.state_dict().items()}
+    x = torch.randn(8, 3) * 2 + 1
+    ey, _, _ = ghost_forward(_np(x), [4, 4], None, None, 1e-5)
+    assert_close(gb(x), ey, rtol=1e-5, atol=1e-6, what="ghost stats")
+    for k, v in gb.state_dict().items():
+        assert torch.equal(v, before[k]), k

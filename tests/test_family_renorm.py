@@ -402,3 +402,17 @@ def test_nonfinite_skip_and_raise_leave_state():
 def test_repr_names_the_limits():
     assert "r_max=2.0, d_max=1.0" in repr(BatchRenorm2d(3, r_max=2.0, d_max=1.0))
     assert "schedule=RenormSchedule(" in repr(BatchRenorm2d(3))
+
+
+def test_tracking_switched_off_after_construction_is_bn_without_update():
+    # torch's rule: buffers kept, track_running_stats=False -> batch statistics, no update in training.
+    rn = BatchRenorm2d(3, r_max=2.0, d_max=1.0)
+    with torch.no_grad():
+        rn.running_mean.fill_(5.0)
+    rn.track_running_stats = False
+    before = {k: v.clone() for k, v in rn.state_dict().items()}
+    x = torch.randn(4, 3, 2, 2)
+    assert_close(rn(x), torch.nn.functional.batch_norm(x, None, None, rn.weight, rn.bias, training=True),
+                 rtol=1e-5, atol=1e-6, what="plain BN")
+    for k, v in rn.state_dict().items():
+        assert torch.equal(v, before[k]), k
