@@ -73,7 +73,7 @@ from . import functional as F
 from . import kernels
 from ._checks import check_input
 from .kernels import torch_backend
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
+from .modules import _BatchNorm
 from .stats import Moments, acc_dtype, merge_moments, reduce_dims
 
 __all__ = ["SyncBatchNorm", "SyncBatchNormError", "convert_sync_batchnorm"]
@@ -342,15 +342,22 @@ class SyncBatchNorm(_BatchNorm):
 
 
 # -- conversion -------------------------------------------------------------------------------
-_OURS = (BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm)
-
-
 def _convertible(m: nn.Module) -> bool:
-    if isinstance(m, nn.modules.batchnorm._BatchNorm):  # torch's BatchNorm1d/2d/3d, SyncBatchNorm, Lazy*
-        return True
-    # Ours: plain BN and BatchNormAct (whose forward is the base one). Variants that override forward
-    # (other normalisation semantics) are left as they are.
+    # Only layers whose forward is plain (or synchronized) BN: torch's BatchNorm1d/2d/3d, Lazy*,
+    # SyncBatchNorm; ours BatchNorm*, BatchNormAct*, SyncBatchNorm. Subclasses that override forward
+    # compute something else (Batch Renorm, Ghost BN, user variants) and are left as they are.
+    tbn = nn.modules.batchnorm._BatchNorm
+    if isinstance(m, tbn):
+        return type(m).forward in (tbn.forward, nn.SyncBatchNorm.forward)
     return isinstance(m, _BatchNorm) and type(m).forward in (_BatchNorm.forward, SyncBatchNorm.forward)
+
+
+def _check_convertible(m: nn.Module) -> None:
+    for t in (getattr(m, "weight", None), getattr(m, "running_mean", None)):
+        if isinstance(t, nn.parameter.UninitializedTensorMixin):
+            raise ValueError(f"convert_sync_batchnorm: {type(m).__name__} is a lazy layer whose number of "
+                             f"features is not known yet; run one forward pass (or build it with "
+                             f"num_features) before converting")
 
 
 def convert_sync_batchnorm(module: nn.Module, process_group: Any | None = None) -> nn.Module:
@@ -358,11 +365,14 @@ def convert_sync_batchnorm(module: nn.Module, process_group: Any | None = None) 
 
     Converted: ``torch.nn.BatchNorm1d/2d/3d``, ``torch.nn.SyncBatchNorm``, and this package's
     ``BatchNorm1d/2d/3d``, ``BatchNormAct1d/2d/3d`` (the activation is kept) and ``SyncBatchNorm``
-    (re-bound to ``process_group``). Other subclasses of our base that override ``forward`` (BN
-    variants with different statistics) are left alone. The new layers *share* the old layers'
-    parameters and buffers (same tensor objects, so an optimizer built before still works) and
-    keep their hyper-parameters, train/eval mode, dtype and device; a ``module`` that is itself a
-    BN layer is returned converted.
+    (re-bound to ``process_group``, its ``timeout`` kept). Subclasses that override ``forward`` (BN
+    variants with other statistics: Batch Renorm, Ghost BN, your own) are left alone. The new
+    layers *share* the old layers' parameters and buffers (same tensor objects, so an optimizer
+    built before still works) and keep their hyper-parameters, train/eval mode, dtype and device.
+    Children are replaced in place
+    and ``module`` is returned (converted, if it is itself a BN layer); every layer is validated
+    first, so a rejected call (a lazy layer that never ran) changes nothing. Hooks on old layers
+    are not carried over.
 
     Args:
         module: any ``nn.Module``.
@@ -376,11 +386,18 @@ def convert_sync_batchnorm(module: nn.Module, process_group: Any | None = None) 
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"convert_sync_batchnorm: expected an nn.Module, got {type(module).__name__}")
+    for m in module.modules():  # validate everything first: a rejected call changes nothing
+        if _convertible(m):
+            _check_convertible(m)
+    return _convert(module, process_group)
+
+
+def _convert(module: nn.Module, process_group: Any) -> nn.Module:
     out = module
     if _convertible(module):
         out = _to_sync(module, process_group)
     for name, child in module.named_children():
-        new = convert_sync_batchnorm(child, process_group)
+        new = _convert(child, process_group)
         if new is not child:
             out.add_module(name, new)
     return out
@@ -389,11 +406,6 @@ def convert_sync_batchnorm(module: nn.Module, process_group: Any | None = None) 
 def _to_sync(m: nn.Module, process_group: Any) -> SyncBatchNorm:
     weight = getattr(m, "weight", None)
     running_mean = getattr(m, "running_mean", None)
-    for t in (weight, running_mean):
-        if isinstance(t, nn.parameter.UninitializedTensorMixin):
-            raise ValueError(f"convert_sync_batchnorm: {type(m).__name__} is a lazy layer whose number of "
-                             f"features is not known yet; run one forward pass (or build it with "
-                             f"num_features) before converting")
     ours = isinstance(m, _BatchNorm)
     extras: dict[str, Any] = {}
     if ours:
