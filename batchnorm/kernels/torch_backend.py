@@ -49,7 +49,8 @@ def act_grad_from_output(y: torch.Tensor, act: str, slope: float) -> torch.Tenso
     if act == "relu":
         return pos.to(y.dtype)
     if act == "leaky_relu":
-        return torch.where(pos, 1.0, slope).to(y.dtype)
+        # scalar-only torch.where yields float32: build the slope in y's dtype (float64 stays exact)
+        return torch.where(pos, torch.ones_like(y), torch.full_like(y, slope))
     if act == "elu":
         return torch.where(pos, torch.ones_like(y), y + slope)
     raise ValueError(f"batchnorm: unknown activation {act!r}")
@@ -61,7 +62,7 @@ def _act_grad_from_input(z: torch.Tensor, act: str, slope: float) -> torch.Tenso
     if act == "relu":
         return (z > 0).to(z.dtype)
     if act == "leaky_relu":
-        return torch.where(z > 0, 1.0, slope).to(z.dtype)
+        return torch.where(z > 0, torch.ones_like(z), torch.full_like(z, slope))
     if act == "elu":
         return torch.where(z > 0, torch.ones_like(z), slope * torch.exp(z.clamp_max(0)))
     raise ValueError(f"batchnorm: unknown activation {act!r}")
