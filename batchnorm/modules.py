@@ -81,6 +81,7 @@ class _BatchNorm(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         *,
+        bias: bool = True,
         channel_axis: int = 1,
         running_var_unbiased: bool = True,
         nonfinite: str = "update",
@@ -104,7 +105,10 @@ class _BatchNorm(nn.Module):
         factory = {"device": device, "dtype": dtype}
         if self.affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory))
-            self.bias = nn.Parameter(torch.empty(num_features, **factory))
+            if bias:  # torch >= 2.6: BatchNormNd(..., bias=False) keeps γ and drops β
+                self.bias = nn.Parameter(torch.empty(num_features, **factory))
+            else:
+                self.register_parameter("bias", None)
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
@@ -134,11 +138,12 @@ class _BatchNorm(nn.Module):
         self.reset_running_stats()
         if self.affine:
             nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
 
     def extra_repr(self) -> str:
         s = (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-             f"track_running_stats={self.track_running_stats}")
+             f"bias={self.bias is not None}, track_running_stats={self.track_running_stats}")
         if self.activation != "identity":
             s += f", activation={self.activation!r}"
             if self.activation in ("leaky_relu", "elu"):
@@ -177,7 +182,8 @@ class _BatchNorm(nn.Module):
             return F.batch_norm_eval(x, self.running_mean, self.running_var, self.weight, self.bias,
                                      eps=self.eps, channel_axis=axis, activation=self.activation,
                                      negative_slope=self.negative_slope)
-        track = self.training and self.running_mean is not None
+        # As torch: buffers present but track_running_stats switched off -> train on batch stats, update nothing.
+        track = self.training and self.track_running_stats and self.running_mean is not None
         y, new = F.batch_norm_train(
             x,
             self.running_mean if track else None,
@@ -245,6 +251,7 @@ class BatchNorm1d(_BatchNorm):
         momentum: weight of the new batch in the running estimates (PyTorch convention); None
             for a cumulative average. Default 0.1.
         affine: learnable γ (init 1) and β (init 0). Default True.
+        bias: with ``affine``, whether β exists (keyword-only, as in torch). Default True.
         track_running_stats: keep running estimates (used in eval). Default True.
         channel_axis, running_var_unbiased, nonfinite: see :mod:`batchnorm.modules`.
 
