@@ -99,10 +99,12 @@ def moments(
     if len(set(dims)) != len(dims):
         raise ValueError(f"{op}: repeated axis in axes={list(axes)}")
     xa = x.to(acc_dtype(x.dtype))
+    if not dims:  # axes=[] reduces nothing (NumPy, TensorFlow); torch would read dim=[] as "every axis"
+        return x.clone(), ((xa - xa) ** 2).to(x.dtype)
     mean = xa.mean(dim=dims, keepdim=True)
     var = ((xa - mean) ** 2).mean(dim=dims, keepdim=keepdim)
     if not keepdim:
-        mean = mean.squeeze(dims) if dims else mean
+        mean = mean.squeeze(dims)
     return mean.to(x.dtype), var.to(x.dtype)
 
 
