@@ -21,6 +21,11 @@ Example:
     >>> export(model, (torch.randn(1, 3, 32, 32),), "model.onnx")
     >>> # onnxruntime.InferenceSession("model.onnx").run(None, {"x": ...})
 
+Alternatively, call ``torch.onnx.export(model, args, f, dynamo=True,
+custom_translation_table=custom_translation_table())`` on the model itself: the table maps our
+``batchnorm::eval_forward`` op to ``BatchNormalization`` (+ the activation; ``Transpose`` around it for
+``channel_axis != 1``). Training-mode BN (``batchnorm::train_forward``) has no translation.
+
 Requires the ``onnx`` extra (``onnx``, ``onnxscript`` for the default dynamo exporter).
 """
 
@@ -38,7 +43,7 @@ from .convert import convert_to_torch
 from .fold import fold_bn
 from .freeze import FrozenBatchNorm, unfreeze
 
-__all__ = ["export", "prepare_for_export"]
+__all__ = ["custom_translation_table", "export", "prepare_for_export"]
 
 
 def prepare_for_export(model: nn.Module, *, fold: bool = False) -> nn.Module:
@@ -98,3 +103,47 @@ def export(
 
     work = prepare_for_export(model, fold=fold)
     return torch.onnx.export(work, tuple(args), f, dynamo=dynamo, **kwargs)
+
+
+def _eval_forward_onnx(x, mean, var, weight, bias, eps: float, channel_axis: int, act: str, slope: float):
+    """onnxscript translation of ``batchnorm::eval_forward`` (traced: attributes are Python values)."""
+    from onnxscript import opset18 as op
+
+    if weight is None:
+        weight = op.Expand(op.CastLike(op.Constant(value_float=1.0), mean), op.Shape(mean))
+    if bias is None:
+        bias = op.Expand(op.CastLike(op.Constant(value_float=0.0), mean), op.Shape(mean))
+    perm = None
+    if channel_axis != 1:
+        rank = len(x.shape) if x.shape is not None else None
+        if rank is None:
+            raise ValueError("batchnorm.onnx: channel_axis != 1 needs an input of known rank to export")
+        perm = [0, channel_axis, *[d for d in range(1, rank) if d != channel_axis]]
+        x = op.Transpose(x, perm=perm)
+    y = op.BatchNormalization(x, weight, bias, mean, var, epsilon=float(eps))
+    if perm is not None:
+        inverse = [perm.index(d) for d in range(len(perm))]
+        y = op.Transpose(y, perm=inverse)
+    if act == "relu":
+        y = op.Relu(y)
+    elif act == "leaky_relu":
+        y = op.LeakyRelu(y, alpha=float(slope))
+    elif act == "elu":
+        y = op.Elu(y, alpha=float(slope))
+    return y
+
+
+def custom_translation_table() -> dict[Any, Any]:
+    """``{torch.ops.batchnorm.eval_forward.default: translation}`` for ``torch.onnx.export(dynamo=True)``.
+
+    Lets the torch.export-based exporter translate our eval-mode op directly (the model keeps its own
+    modules; no copy). Example::
+
+        torch.onnx.export(model.eval(), (x,), "m.onnx", dynamo=True,
+                          custom_translation_table=batchnorm.onnx.custom_translation_table())
+    """
+    import torch
+
+    from . import ops  # noqa: F401 - registers torch.ops.batchnorm.*
+
+    return {torch.ops.batchnorm.eval_forward.default: _eval_forward_onnx}

@@ -101,3 +101,20 @@ def test_export_errors():
     with pytest.raises(TypeError, match="Module"):
         prepare_for_export("model")
     assert np.isfinite(x.numpy()).all()
+
+
+def test_direct_torch_export_with_custom_translation_table(tmp_path):
+    from batchnorm.onnx import custom_translation_table
+
+    model = nn.Sequential(M.BatchNormAct2d(4, activation="leaky_relu", negative_slope=0.2),
+                          M.BatchNorm2d(4, channel_axis=-1),
+                          M.BatchNormAct2d(4, affine=False, activation="elu"))
+    randomize_bn(model).eval()
+    x = torch.randn(2, 4, 5, 4)
+    path = tmp_path / "direct.onnx"
+    torch.onnx.export(model, (x,), path, dynamo=True, custom_translation_table=custom_translation_table())
+    ops = _ops(path)
+    assert ops.count("BatchNormalization") == 3 and "Transpose" in ops and "LeakyRelu" in ops
+    with torch.no_grad():
+        want = model(x).numpy()
+    assert_close(_run(path, x), want, rtol=1e-5, atol=1e-5, what="direct export")
