@@ -327,8 +327,19 @@ def _timeout_cases(groups):
             case_dead_peer]
 
 
+def case_fails_on_rank_1(rank, world, out):
+    if rank == 1:
+        raise ValueError("deliberate failure")
+
+
+def case_after_a_failure(rank, world, out):
+    t = torch.ones(1)
+    dist.all_reduce(t)
+    assert t.item() == world
+
+
 def worker(rank: int, world: int, out: Path) -> dict:
-    extra = []
+    extra = [case_fails_on_rank_1, case_after_a_failure]  # the harness's own check
     if world == 3:
         extra = _subgroup_cases(dist.new_group([0, 2]))
     results = run_cases(_SHARED + extra, rank, world, out)
@@ -379,23 +390,12 @@ def test_hangs_become_clear_errors(world2, case):
     check(world2, case)
 
 
-def test_harness_reports_failures():
-    """The harness itself must not pass a failing case: a case that raises shows up as a failure."""
-    res = launch("test_sync_dist:_failing_worker", 2, deadline_s=60)
-    with pytest.raises(AssertionError, match="deliberate"):
-        check(res, "case_fails_on_rank_1")
-    check(res, "case_passes")
-
-
-def _failing_worker(rank, world, out):
-    def case_fails_on_rank_1(rank, world, out):
-        if rank == 1:
-            raise ValueError("deliberate")
-
-    def case_passes(rank, world, out):
-        t = torch.ones(1)
-        dist.all_reduce(t)
-        assert t.item() == world
-
-    return run_cases([case_fails_on_rank_1, case_passes], rank, world, out)
+def test_harness_reports_failures(world2):
+    """The harness must not pass a failing case: the deliberately failing one shows up as a failure,
+    and the cases after it still ran in step."""
+    with pytest.raises(AssertionError, match="deliberate failure"):
+        check(world2, "case_fails_on_rank_1")
+    check(world2, "case_after_a_failure")
+    with pytest.raises(AssertionError, match="did not run"):
+        check(world2, "case_that_does_not_exist")
 
