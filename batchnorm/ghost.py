@@ -114,6 +114,8 @@ def ghost_batch_sizes(n: int, virtual_batch_size: int, remainder: str = "error")
     op = "batchnorm.ghost_batch_sizes"
     g = _check_virtual_batch_size(op, virtual_batch_size)
     remainder = _check_remainder(op, remainder)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"{op}: expected the batch size n to be a positive int, got {n!r}")
     k, rest = divmod(n, g)
     if rest == 0:
         return [g] * k
