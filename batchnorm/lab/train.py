@@ -9,6 +9,8 @@ pieces:
 * :func:`train_step` — one forward/backward/update, returns the batch loss.
 * :func:`evaluate` — loss and accuracy over a whole set in eval mode (running statistics), or with
   batch statistics (``batch_stats=True``) without disturbing the running buffers.
+* :func:`recompute_bn_stats` — exact population statistics for every BN layer ("precise BN", via
+  :func:`batchnorm.recalibrate.recalibrate`).
 * :func:`train` — the loop: evaluates at step 0 and every ``eval_every`` steps, stops early and
   says so when the loss becomes non-finite or explodes (a diverged run), and returns a
   JSON-ready history.
@@ -46,6 +48,7 @@ __all__ = [
     "evaluate",
     "frozen_buffers",
     "make_optimizer",
+    "recompute_bn_stats",
     "set_threads",
     "train",
     "train_step",
@@ -139,6 +142,14 @@ def frozen_buffers(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was)
 
 
+def _chunks(n: int, chunk: int, min_last: int = 1) -> list[tuple[int, int]]:
+    """``[lo, hi)`` ranges of ``chunk`` rows; a last range shorter than ``min_last`` joins the one before."""
+    out = [(i, min(i + chunk, n)) for i in range(0, n, chunk)]
+    if len(out) > 1 and out[-1][1] - out[-1][0] < min_last:
+        out[-2:] = [(out[-2][0], n)]
+    return out
+
+
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_stats: bool = False,
              chunk: int = 4096) -> tuple[float, float]:
     """``(mean cross-entropy, accuracy)`` over ``(x, y)``.
@@ -152,14 +163,37 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_stats:
     with ctx, torch.no_grad():
         if not batch_stats:
             model.eval()
-        for i in range(0, x.shape[0], chunk):
-            logits = model(x[i:i + chunk])
-            total_loss += float(F.cross_entropy(logits, y[i:i + chunk], reduction="sum"))
-            correct += int((logits.argmax(1) == y[i:i + chunk]).sum())
+        for lo, hi in _chunks(int(x.shape[0]), chunk, min_last=2 if batch_stats else 1):
+            logits = model(x[lo:hi])
+            total_loss += float(F.cross_entropy(logits, y[lo:hi], reduction="sum"))
+            correct += int((logits.argmax(1) == y[lo:hi]).sum())
     model.train(was)
     n = max(int(x.shape[0]), 1)
     loss = total_loss / n
     return (loss if math.isfinite(loss) else None), correct / n  # type: ignore[return-value]
+
+
+def recompute_bn_stats(model: nn.Module, x: torch.Tensor, *,
+                       chunk: int = 1024) -> list[dict[str, torch.Tensor]]:
+    """Replace every BN layer's running statistics by the exact statistics of ``x`` ("precise BN").
+
+    A thin wrapper over :func:`batchnorm.recalibrate.recalibrate` (``mode="exact"``): with the
+    weights fixed, the BN layers are finalised in dependency order, each over all of ``x`` (in
+    chunks of ``chunk`` rows) in eval mode, with the earlier layers already normalising with
+    *their* exact statistics — so every layer gets the statistics it will meet at inference. Chunk
+    moments come from :meth:`batchnorm.stats.Moments.of` and are merged exactly, count-weighted,
+    with :func:`batchnorm.stats.merge_moments` (no EMA). ``running_var`` gets the layer's convention
+    (unbiased unless ``running_var_unbiased=False``).
+
+    Returns, per BN layer in forward order, ``{"mean", "var"}`` (float64 copies of the new buffers).
+    """
+    from batchnorm import _bnlayers
+    from batchnorm.recalibrate import recalibrate
+
+    batches = [x[lo:hi] for lo, hi in _chunks(int(x.shape[0]), chunk)]
+    recalibrate(model, batches, mode="exact", progress=False)
+    return [{"mean": m.running_mean.detach().double().clone(), "var": m.running_var.detach().double().clone()}
+            for _, m in _bnlayers.iter_bn(model) if getattr(m, "running_mean", None) is not None]
 
 
 def train(model: nn.Module, data: Any, cfg: TrainConfig, *, advance: Callable[[int], None] | None = None,
