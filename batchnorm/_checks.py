@@ -68,12 +68,14 @@ def check_channel_tensor(op: str, name: str, t: object, c: int, *, x: torch.Tens
     if t is None:
         return
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{op}: expected {name} to be a torch.Tensor or None, got {type(t).__name__}")
+        raise TypeError(f"{op}: expected {name} to be a torch.Tensor or None, got {type(t).__name__}; "
+                        f"convert it with torch.as_tensor(...)")
     if t.shape != (c,):
         raise ValueError(f"{op}: expected {name} of shape ({c},) for {c} channels, got shape "
                          f"{tuple(t.shape)}; it must hold one value per channel")
     if not t.is_floating_point():
-        raise TypeError(f"{op}: expected a floating-point {name}, got dtype {t.dtype}")
+        raise TypeError(f"{op}: expected a floating-point {name}, got dtype {t.dtype}; cast it first, "
+                        f"e.g. {name}.float()")
     if x is not None and t.device != x.device:
         raise ValueError(f"{op}: {name} is on {t.device} but the input is on {x.device}; move them "
                          f"to one device (module.to(x.device))")
@@ -100,13 +102,15 @@ def check_activation(op: str, activation: object, negative_slope: object) -> tup
     if activation not in ACTIVATIONS:
         raise ValueError(f"{op}: unknown activation {activation!r}; expected one of {', '.join(ACTIVATIONS)}")
     if isinstance(negative_slope, bool) or not isinstance(negative_slope, int | float):
-        raise TypeError(f"{op}: expected negative_slope to be a number, got {negative_slope!r}")
+        raise TypeError(f"{op}: expected negative_slope to be a number, got {negative_slope!r}; pass a float "
+                        f"such as 0.01 (leaky_relu's slope, or elu's alpha)")
     return str(activation), float(negative_slope)
 
 
 def check_num_features(op: str, num_features: object) -> int:
     if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features <= 0:
-        raise ValueError(f"{op}: expected num_features to be a positive int, got {num_features!r}")
+        raise ValueError(f"{op}: expected num_features to be a positive int, got {num_features!r}; pass the "
+                         f"number of channels C of the input, e.g. x.shape[1]")
     return num_features
 
 

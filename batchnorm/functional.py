@@ -43,7 +43,7 @@ from ._checks import (
     check_nonfinite,
     check_tensor,
 )
-from .autograd import BatchNormEvalFn, BatchNormTrainFn
+from .autograd import eval_apply, train_apply
 from .stats import acc_dtype
 
 __all__ = [
@@ -94,10 +94,11 @@ def moments(
     dims = []
     for a in axes:
         if not isinstance(a, int) or not -x.ndim <= a < x.ndim:
-            raise ValueError(f"{op}: axis {a!r} is out of range for a {x.ndim}-D input")
+            raise ValueError(f"{op}: axis {a!r} is out of range for a {x.ndim}-D input; give ints in "
+                             f"[{-x.ndim}, {x.ndim - 1}]")
         dims.append(a % x.ndim)
     if len(set(dims)) != len(dims):
-        raise ValueError(f"{op}: repeated axis in axes={list(axes)}")
+        raise ValueError(f"{op}: repeated axis in axes={list(axes)}; list each axis once")
     xa = x.to(acc_dtype(x.dtype))
     if not dims:  # axes=[] reduces nothing (NumPy, TensorFlow); torch would read dim=[] as "every axis"
         return x.clone(), ((xa - xa) ** 2).to(x.dtype)
@@ -231,9 +232,10 @@ def batch_norm_train(
     act, slope = check_activation(op, activation, negative_slope)
     nonfinite = check_nonfinite(op, nonfinite)
     if momentum is None and running_mean is not None and num_batches_tracked is None:
-        raise ValueError(f"{op}: momentum=None (cumulative average) needs num_batches_tracked")
+        raise ValueError(f"{op}: momentum=None (cumulative average) needs num_batches_tracked; pass the "
+                         f"count of batches seen so far (torch.tensor(0) at the start)")
 
-    y, mean, var = BatchNormTrainFn.apply(x, weight, bias, eps, axis, act, slope)
+    y, mean, var = train_apply(x, weight, bias, eps, axis, act, slope)  # (custom op under torch.compile)
     old = RunningStats(running_mean, running_var, num_batches_tracked)
     if running_mean is None:
         return y, old
@@ -273,4 +275,4 @@ def batch_norm_eval(
         check_channel_tensor(op, name, t, c, x=x)
     eps = check_eps(op, eps)
     act, slope = check_activation(op, activation, negative_slope)
-    return BatchNormEvalFn.apply(x, mean.detach(), var.detach(), weight, bias, eps, axis, act, slope)
+    return eval_apply(x, mean.detach(), var.detach(), weight, bias, eps, axis, act, slope)
