@@ -82,7 +82,7 @@ def test_gradcheck_float64():
         fz.running_mean.copy_(torch.tensor([0.1, -0.2, 0.3]))
         fz.running_var.copy_(torch.tensor([0.5, 1.5, 2.0]))
         fz.weight.copy_(torch.tensor([1.2, 0.7, -0.4]))
-    x = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(3, 3, 2, dtype=torch.float64, requires_grad=True)
     w = fz.weight
 
     def f(x_, w_):
