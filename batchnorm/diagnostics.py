@@ -88,16 +88,25 @@ class Watch:
         where: ``"input"`` or ``"output"`` of the module, or ``"auto"``: the input of an activation
             module (``nn.Sigmoid``, ``nn.Tanh``, ``nn.ReLU``, ...: its pre-activation), else the output
             (e.g. a Linear or BN layer feeding the activation).
+        per_unit: also record percentiles and saturation of every unit (channel) separately, over the
+            other axes (the paper's Figure 1 follows one unit); default False (all units pooled).
+        channel_axis: the unit axis for ``per_unit`` (1 for ``(N, C, ...)``; -1 for channels-last).
     """
 
     saturation: str | None = None
     threshold: float | None = None
     where: str = "auto"
+    per_unit: bool = False
+    channel_axis: int = 1
 
 
 @dataclass
 class ActivationRecord:
-    """One forward call of a watched module: percentiles (keys like ``"p15"``) and saturated fraction."""
+    """One forward call of a watched module: percentiles (keys like ``"p15"``) and saturated fraction.
+
+    With ``Watch(per_unit=True)``, ``unit_percentiles[key][c]`` and ``unit_saturation[c]`` are those of
+    unit ``c`` alone.
+    """
 
     call: int
     step: int | None
@@ -106,6 +115,8 @@ class ActivationRecord:
     saturation: float | None
     mean: float
     std: float
+    unit_percentiles: dict[str, list[float]] | None = None
+    unit_saturation: list[float] | None = None
 
 
 @dataclass
@@ -243,6 +254,8 @@ def _normalise_watch(model: nn.Module, watch: object) -> dict[str, Watch]:
                              f"got {spec.where!r}")
         if spec.threshold is not None:
             _check_positive(f"threshold of {name!r}", spec.threshold)
+        if isinstance(spec.channel_axis, bool) or not isinstance(spec.channel_axis, int):
+            raise TypeError(f"{_OP}: expected an int channel_axis for {name!r}, got {spec.channel_axis!r}")
         out[name] = spec
     return out
 
@@ -434,18 +447,35 @@ class BNDiagnostics:
         q = torch.tensor([p / 100.0 for p in self.percentiles], dtype=torch.float64, device=flat.device)
         vals = torch.quantile(sample, q).tolist() if self.percentiles else []
         pct = {_pkey(p): float(v) for p, v in zip(self.percentiles, vals)}
-        sat = None
-        if spec.saturation == "relu":
-            sat = float((flat <= 0).double().mean())
-        elif spec.saturation is not None:
-            thr = spec.threshold if spec.threshold is not None else _DEFAULT_THRESHOLD[spec.saturation]
-            sat = float((flat.abs() > thr).double().mean())
+        sat = None if spec.saturation is None else float(_saturated(flat, spec).double().mean())
+        unit_pct = unit_sat = None
+        if spec.per_unit:
+            unit_pct, unit_sat = self._per_unit(name, t, spec, q)
         call = self._ncalls[name]
         self._ncalls[name] += 1
         self._records[name].append(ActivationRecord(
             call=call, step=self.step, numel=n, percentiles=pct, saturation=sat,
             mean=float(flat.mean()), std=float(flat.std(correction=0)),
+            unit_percentiles=unit_pct, unit_saturation=unit_sat,
         ))
+
+    def _per_unit(self, name: str, t: torch.Tensor, spec: Watch, q: torch.Tensor):
+        if t.ndim < 2 or not -t.ndim <= spec.channel_axis < t.ndim:
+            raise ValueError(f"{_OP}: Watch(per_unit=True, channel_axis={spec.channel_axis}) on {name!r} "
+                             f"needs a tensor with that axis, got shape {tuple(t.shape)}")
+        units = t.movedim(spec.channel_axis, 0).reshape(t.shape[spec.channel_axis], -1).to(torch.float64)
+        c, m = units.shape
+        if c * m > self.max_values and m > 2:
+            keep = max(2, self.max_values // c)
+            units = units[:, torch.randperm(m, generator=self._gen)[:keep].to(units.device)]
+        unit_pct = None
+        if self.percentiles:
+            vals = torch.quantile(units, q, dim=1)  # (P, C)
+            unit_pct = {_pkey(p): vals[i].tolist() for i, p in enumerate(self.percentiles)}
+        unit_sat = None
+        if spec.saturation is not None:
+            unit_sat = _saturated(units, spec).double().mean(dim=1).tolist()
+        return unit_pct, unit_sat
 
     # -- results ------------------------------------------------------------------------------
     def report(self) -> DiagnosticsReport:
@@ -505,6 +535,14 @@ class BNDiagnostics:
                                        saturation_kind=spec.saturation, threshold=thr,
                                        records=list(self._records[name])))
         return DiagnosticsReport(self.shift_threshold, self.var_ratio_threshold, bn_reports, watched)
+
+
+def _saturated(z: torch.Tensor, spec: Watch) -> torch.Tensor:
+    """Boolean mask of saturated values: ``z <= 0`` (relu), ``|z| > threshold`` (sigmoid/tanh)."""
+    if spec.saturation == "relu":
+        return z <= 0
+    thr = spec.threshold if spec.threshold is not None else _DEFAULT_THRESHOLD[spec.saturation]
+    return z.abs() > thr
 
 
 def _pkey(p: float) -> str:

@@ -248,3 +248,31 @@ def test_misuse_errors():
         rep.layer("1")
     with pytest.raises(KeyError, match="no watched module"):
         rep.watch("0")
+
+
+def test_per_unit_percentiles_and_saturation_match_numpy():
+    model = nn.Sequential(nn.Linear(3, 5), nn.Sigmoid(), nn.Conv2d(2, 3, 1), nn.Tanh())
+    x = torch.randn(40, 3) * 3
+    with BNDiagnostics(model[:2], watch={"1": Watch("sigmoid", threshold=1.0, per_unit=True)}) as diag:
+        model[:2](x)
+    rec = diag.report().watch("1").records[0]
+    with torch.no_grad():
+        z = model[0](x).double().numpy()
+    for p in (15, 50, 85):
+        assert_close(rec.unit_percentiles[f"p{p}"], np.percentile(z, p, axis=0), rtol=1e-12, atol=1e-12)
+    assert_close(rec.unit_saturation, (np.abs(z) > 1.0).mean(axis=0), rtol=0, atol=0, what="per unit")
+    conv = model[2:]
+    xc = torch.randn(4, 6, 6, 2)  # channels-last data, units on the last axis after permute
+    watch = {"3": Watch("tanh", per_unit=True, channel_axis=1)}  # slicing keeps the names "2", "3"
+    with BNDiagnostics(conv, watch=watch) as diag:
+        conv(xc.permute(0, 3, 1, 2))
+    rec = diag.report().watch("3").records[0]
+    with torch.no_grad():
+        zc = conv[0](xc.permute(0, 3, 1, 2)).double()
+    want = np.percentile(zc.transpose(0, 1).reshape(3, -1).numpy(), 50, axis=1)
+    assert_close(rec.unit_percentiles["p50"], want, rtol=1e-12, atol=1e-12, what="conv units")
+    bad = {"1": Watch(per_unit=True, channel_axis=4)}
+    with pytest.raises(ValueError, match="per_unit=True"), BNDiagnostics(model[:2], watch=bad):
+        model[:2](x)
+    with pytest.raises(TypeError, match="channel_axis"):
+        BNDiagnostics(model[:2], watch={"1": Watch(per_unit=True, channel_axis=1.0)})
