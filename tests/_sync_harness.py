@@ -54,7 +54,7 @@ def _child(rank: int, world: int, port: int, outdir: str, target: str, args: tup
     os._exit(0)
 
 
-def launch(target: str, world: int, *args, deadline_s: float = 100.0, pg_timeout: float = 30.0) -> dict:
+def launch(target: str, world: int, *args, deadline_s: float = 240.0, pg_timeout: float = 60.0) -> dict:
     """Run ``target`` ("module:function", called as ``fn(rank, world, outdir, *args)``) in ``world``
     spawned processes; return ``{rank: {case: "ok" | error text}}``."""
     with tempfile.TemporaryDirectory(prefix="bn_sync_") as outdir:

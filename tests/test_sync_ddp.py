@@ -49,7 +49,7 @@ def worker(rank, world, out):
 
 @pytest.fixture(scope="module")
 def two_procs():
-    return launch("test_sync_ddp:worker", 2, deadline_s=90)
+    return launch("test_sync_ddp:worker", 2, deadline_s=240)
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +132,7 @@ def test_torchrun_command_matches_plain_run(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "batchnorm.lab.ddp", *args, "--out", str(out)]
     proc = subprocess.run(cmd,
-                          capture_output=True, text=True, timeout=120, env=env,
+                          capture_output=True, text=True, timeout=240, env=env,
                           cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 process(es)" in proc.stdout and "SyncBatchNorm" in proc.stdout
