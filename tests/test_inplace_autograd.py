@@ -17,6 +17,7 @@ from _util import assert_close
 from torch import nn
 
 import batchnorm
+import batchnorm.inplace
 from batchnorm.inplace import InPlaceABN2d, inplace_abn_eval, inplace_abn_train
 
 BACKENDS = ["auto", "torch"]
@@ -255,3 +256,21 @@ def test_bad_inputs_use_the_shared_checks():
         inplace_abn_train(torch.randn(2, 3, 4, 4), torch.zeros(3))
     with pytest.raises(TypeError, match="mean and var are required"):
         inplace_abn_eval(torch.randn(2, 3, 4, 4), None, None)
+
+
+# ------------------------------------------------------------------------------------------ dispatch
+def test_backend_choice_and_fallbacks(monkeypatch):
+    x = torch.randn(4, 3, 5, 5)
+    assert batchnorm.inplace.inplace_backend_for(x) == "numba"
+    assert batchnorm.inplace.inplace_backend_for(x.contiguous(memory_format=torch.channels_last)) == "numba"
+    assert batchnorm.inplace.inplace_backend_for(x[:, :, ::2]) == "torch"  # odd strides
+    assert batchnorm.inplace.inplace_backend_for(x.half()) == "torch"
+    with batchnorm.use_backend("torch"):
+        assert batchnorm.inplace.inplace_backend_for(x) == "torch"
+    # a forced fast backend that cannot run an input raises instead of silently measuring torch
+    monkeypatch.setattr(batchnorm.kernels, "get_backend", lambda: "numba")
+    keep = x.half().clone()
+    xh = keep.clone()
+    with pytest.raises(RuntimeError, match=r"forced backend 'numba' cannot run a torch\.float16"):
+        inplace_abn_train(xh)
+    assert tensors_bit_equal(xh, keep)
