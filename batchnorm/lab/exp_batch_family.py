@@ -195,10 +195,12 @@ def _report(result: dict[str, Any]) -> Section:
               (axes[0, 1], "batch_stats_test_acc", "Test accuracy, batch statistics (chunks of B)"))
     for ax, key, title in panels:
         tab = table(result, key)
-        for m, by_b in tab.items():
+        for i, (m, by_b) in enumerate(tab.items()):
             xs = [b for b in sizes if by_b.get(b, {}).get("mean") is not None]
-            ax.errorbar(xs, [by_b[b]["mean"] for b in xs], yerr=[by_b[b]["std"] for b in xs],
-                        label=LABELS.get(m, m), color=_COLORS.get(m), marker="o", capsize=3, lw=1.5)
+            jitter = 2 ** (0.04 * (i - (len(tab) - 1) / 2))  # side by side, so error bars stay readable
+            ax.errorbar([b * jitter for b in xs], [by_b[b]["mean"] for b in xs],
+                        yerr=[by_b[b]["std"] for b in xs], label=LABELS.get(m, m), color=_COLORS.get(m),
+                        marker="o", capsize=3, lw=1.5)
         ax.set_xscale("log", base=2)
         ax.set_xticks(sizes, [str(b) for b in sizes])
         ax.set(xlabel="batch size", ylabel="test accuracy", title=title)
@@ -208,12 +210,15 @@ def _report(result: dict[str, Any]) -> Section:
         f"{LABELS.get(m, m)}: " + ", ".join(f"B={b} {fmt_pm([r['final_test_acc'] for r in by_b[str(b)]])}"
                                            for b in sizes if str(b) in by_b)
         for m, by_b in result["runs"].items())
+    first = next(iter(result["runs"].values()))
+    steps = ", ".join(f"B={b}: {first[str(b)][0]['steps']}" for b in sizes if str(b) in first)
     diverged = sum(r["diverged"] for by_b in result["runs"].values() for rs in by_b.values() for r in rs)
     text = (f"{result['data']}, {len(result['seeds'])} seed(s); CNN channels {c['channels']}; every run sees "
             f"{c['epochs']} epochs" + (f" (capped at {c['max_steps']} steps)" if c["max_steps"] else "")
             + f", SGD+momentum, lr {c['lr']}·B/{c['lr_batch']}; BN momentum {c['bn_momentum']}, Ghost BN "
             f"virtual batch {c['virtual_batch_size']}, GroupNorm {c['groups']} groups, Batch Renorm r_max "
-            f"{c['r_max']}, d_max {c['d_max']} after a {c['renorm_warmup']:.0%} warm-up. Final test accuracy "
+            f"{c['r_max']}, d_max {c['d_max']} after a {c['renorm_warmup']:.0%} warm-up. Optimizer steps per "
+            f"run ({steps}): the same samples, so large batches get few steps. Final test accuracy "
             f"(mean ± std over seeds): {finals}." + (f" {diverged} run(s) diverged." if diverged else ""))
     return Section(title="Batch size: BN, Batch Renorm, Ghost BN, GroupNorm, LayerNorm", text=text,
                    figures=[("batch_family", fig)], claims=_claims(result))
