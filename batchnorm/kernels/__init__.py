@@ -12,13 +12,28 @@ Every backend is a module with the same functions (see :mod:`batchnorm.kernels.t
 register themselves with :func:`register_backend`; under the default ``"auto"`` choice the first
 registered fast backend that ``supports`` an input runs it, and anything else falls back to torch.
 
-    >>> import batchnorm.kernels as K
+Backends here:
+
+* ``"numba"`` (:mod:`batchnorm.kernels.cpu`) — fused CPU kernels for float32/float64 tensors that
+  are contiguous (NCHW, NCDHW, (N, C), (N, C, L), channels on any axis) or channels-last
+  (NHWC/NDHWC memory), every activation. Imported (with numba) and compiled on first use only.
+* ``"torch"`` — everything else: CUDA and other devices, float16/bfloat16, non-contiguous inputs
+  (e.g. a strided slice), tensor subclasses; also where numba is not installed.
+
+Both give the same results up to rounding (the tests hold every backend to the float64 oracle).
+
+    >>> import torch, batchnorm.kernels as K
     >>> K.get_backend()              # the choice in force: "auto", or a forced name
     'auto'
+    >>> K.backend_for(torch.randn(8, 16, 4, 4))              # what would run this input now
+    'numba'
+    >>> K.backend_for(torch.randn(8, 16, 4, 4)[:, :, ::2])   # non-contiguous: fallback
+    'torch'
     >>> with K.use_backend("torch"):  # force the fallback for a block
     ...     pass
 
-The environment variable ``BATCHNORM_BACKEND`` sets the initial choice.
+The environment variable ``BATCHNORM_BACKEND`` (``auto``, ``torch`` or ``numba``) sets the initial
+choice. Forcing a backend that cannot run an input raises instead of silently falling back.
 """
 
 from __future__ import annotations
@@ -32,7 +47,8 @@ import torch
 
 from . import torch_backend
 
-__all__ = ["available_backends", "backend_for", "get_backend", "register_backend", "set_backend", "use_backend"]
+__all__ = ["available_backends", "backend_for", "get_backend", "register_backend", "set_backend",
+           "use_backend"]
 
 _BACKENDS: dict[str, ModuleType] = {"torch": torch_backend}
 _LAZY: dict[str, str] = {}  # name -> module path, imported on first use (keeps `import batchnorm` cheap)
@@ -107,8 +123,8 @@ def select(x: torch.Tensor, channel_axis: int, act: str) -> ModuleType:
                                f"use one of {available_backends()}")
         if not mod.supports(x, channel_axis, act):
             raise RuntimeError(f"batchnorm: forced backend {_choice!r} cannot run a {x.dtype} input of shape "
-                               f"{tuple(x.shape)} on {x.device} (channel_axis={channel_axis}, activation={act!r}); "
-                               f"use set_backend('auto') to fall back to torch")
+                               f"{tuple(x.shape)} on {x.device} (channel_axis={channel_axis}, "
+                               f"activation={act!r}); use set_backend('auto') to fall back to torch")
         return mod
     for n in _FAST_ORDER:
         mod = _load(n)
@@ -120,3 +136,6 @@ def select(x: torch.Tensor, channel_axis: int, act: str) -> ModuleType:
 def backend_for(x: torch.Tensor, channel_axis: int = 1, activation: str = "identity") -> str:
     """Name of the backend that would run a BN op on ``x`` now."""
     return select(x, channel_axis % x.ndim, activation).name
+
+
+register_backend("numba", "batchnorm.kernels.cpu")  # lazily: numba is imported on first use only
