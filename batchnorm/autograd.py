@@ -6,6 +6,10 @@ activation's derivative must be read from it. Its backward calls the selected ba
 ``backward`` (article 003's formula); when a graph of the backward is requested
 (``create_graph=True``, double backward) it instead evaluates the same formula with torch ops on
 statistics recomputed differentiably from ``x``, so second derivatives are exact too.
+
+:func:`train_apply` / :func:`eval_apply` are what the functional API calls: these Functions in
+eager mode, and under ``torch.compile`` the custom ops of :mod:`batchnorm.ops` (the same kernels
+and formulas, but opaque to the compiler, so a model compiles with ``fullgraph=True``).
 """
 
 from __future__ import annotations
@@ -81,3 +85,21 @@ class BatchNormEvalFn(torch.autograd.Function):
                 dw if ctx.needs_input_grad[3] else None,
                 db if ctx.needs_input_grad[4] else None,
                 None, None, None, None)
+
+
+def train_apply(x, weight, bias, eps, channel_axis, act, slope):
+    """``(y, mean, var)`` of BN training: :class:`BatchNormTrainFn` eagerly, the custom op when compiling."""
+    if torch.compiler.is_compiling():
+        from . import ops
+
+        return ops.train_forward(x, weight, bias, eps, channel_axis, act, slope)
+    return BatchNormTrainFn.apply(x, weight, bias, eps, channel_axis, act, slope)
+
+
+def eval_apply(x, mean, var, weight, bias, eps, channel_axis, act, slope):
+    """``y`` of BN with given statistics: :class:`BatchNormEvalFn` eagerly, the custom op when compiling."""
+    if torch.compiler.is_compiling():
+        from . import ops
+
+        return ops.eval_forward(x, mean, var, weight, bias, eps, channel_axis, act, slope)
+    return BatchNormEvalFn.apply(x, mean, var, weight, bias, eps, channel_axis, act, slope)

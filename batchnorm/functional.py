@@ -43,7 +43,7 @@ from ._checks import (
     check_nonfinite,
     check_tensor,
 )
-from .autograd import BatchNormEvalFn, BatchNormTrainFn
+from .autograd import eval_apply, train_apply
 from .stats import acc_dtype
 
 __all__ = [
@@ -235,7 +235,7 @@ def batch_norm_train(
         raise ValueError(f"{op}: momentum=None (cumulative average) needs num_batches_tracked; pass the "
                          f"count of batches seen so far (torch.tensor(0) at the start)")
 
-    y, mean, var = BatchNormTrainFn.apply(x, weight, bias, eps, axis, act, slope)
+    y, mean, var = train_apply(x, weight, bias, eps, axis, act, slope)  # (custom op under torch.compile)
     old = RunningStats(running_mean, running_var, num_batches_tracked)
     if running_mean is None:
         return y, old
@@ -275,4 +275,4 @@ def batch_norm_eval(
         check_channel_tensor(op, name, t, c, x=x)
     eps = check_eps(op, eps)
     act, slope = check_activation(op, activation, negative_slope)
-    return BatchNormEvalFn.apply(x, mean.detach(), var.detach(), weight, bias, eps, axis, act, slope)
+    return eval_apply(x, mean.detach(), var.detach(), weight, bias, eps, axis, act, slope)
