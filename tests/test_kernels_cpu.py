@@ -1,0 +1,305 @@
+"""The numba CPU kernels against the float64 oracle: every kernel × layout × activation × dtype.
+
+The story: for each memory layout the backend accepts (contiguous NCHW / (N, C, L) / NCDHW /
+(N, C), channels-last NHWC and NDHWC memory, logical channels-last with ``channel_axis=-1``) and
+each activation, the four kernels — train forward, train backward, eval forward, eval backward —
+must equal :mod:`batchnorm.reference` to float32 rounding (float32 input) or to 1e-10 (float64).
+Then the numerics the kernels document: |mean| ≫ std, a far-out first value (the shift guard),
+NaN propagation; and the path through the modules, the fallback, and the backend switch.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from _core_util import ref_eval_backward
+from _util import assert_close
+
+import batchnorm
+from batchnorm import functional as F
+from batchnorm import reference as R
+from batchnorm.kernels import cpu
+from batchnorm.kernels import torch_backend as TB
+
+ACTS = [("identity", 0.01), ("relu", 0.0), ("leaky_relu", 0.1), ("elu", 0.7)]
+DTYPES = [torch.float32, torch.float64]
+# layout name -> (logical shape, channel axis, memory format or None)
+LAYOUTS = {
+    "nchw": ((5, 3, 4, 6), 1, None),
+    "ncl": ((4, 5, 7), 1, None),
+    "ncdhw": ((2, 3, 3, 4, 5), 1, None),
+    "nc": ((37, 6), 1, None),
+    "nhwc_memory": ((5, 3, 4, 6), 1, torch.channels_last),
+    "ndhwc_memory": ((2, 3, 3, 4, 5), 1, torch.channels_last_3d),
+    "nhwc_axis": ((4, 5, 6, 3), -1, None),
+    "channels_first_axis0": ((6, 50), 0, None),
+}
+
+
+def _tol(dtype):
+    return (2e-6, 2e-6) if dtype == torch.float32 else (1e-10, 1e-10)
+
+
+def _np(t):
+    return t.detach().to(torch.float64).numpy()
+
+
+def _input(layout, dtype, mean=0.5, std=2.0):
+    shape, axis, fmt = LAYOUTS[layout]
+    x = torch.randn(shape, dtype=torch.float64) * std + mean
+    x = x.to(dtype)
+    if fmt is not None:
+        x = x.contiguous(memory_format=fmt)
+    return x, axis % x.ndim
+
+
+def _affine(c, dtype):
+    w = torch.linspace(0.5, 1.5, c, dtype=dtype) * torch.tensor([1.0, -1.0] * c, dtype=dtype)[:c]
+    b = torch.linspace(-0.3, 0.4, c, dtype=dtype)
+    return w, b
+
+
+@pytest.mark.parametrize("act,slope", ACTS, ids=[a for a, _ in ACTS])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_every_kernel_matches_the_oracle(dtype, layout, act, slope):
+    x, axis = _input(layout, dtype)
+    assert batchnorm.backend_for(x, axis, act) == "numba", "this layout must run on the numba kernels"
+    c = x.shape[axis]
+    w, b = _affine(c, dtype)
+    rtol, atol = _tol(dtype)
+    xn, wn, bn = _np(x), _np(w), _np(b)
+
+    # train forward: y in x's dtype and memory layout; statistics float64
+    y, mean, var = cpu.train_forward(x, w, b, 1e-5, axis, act, slope)
+    ref_y, ref_m, ref_v = R.forward_train(xn, wn, bn, 1e-5, axis, act, slope)
+    assert y.dtype == dtype and y.shape == x.shape and y.stride() == x.stride()
+    assert mean.dtype == var.dtype == torch.float64
+    assert_close(mean, ref_m, rtol=1e-12, atol=1e-12, what="batch mean")
+    assert_close(var, ref_v, rtol=1e-10, atol=1e-12, what="batch var")
+    assert_close(y, ref_y, rtol=rtol, atol=atol, what="train y")
+
+    # train backward (dy in another layout on purpose: the kernel must adopt x's)
+    dy = torch.randn(x.shape, dtype=dtype)
+    dx, dw, db = cpu.backward(dy, x, y, w, b, mean, var, 1e-5, axis, act, slope)
+    ref_dx, ref_dw, ref_db = R.backward(_np(dy), xn, wn, bn, 1e-5, axis, act, slope)
+    assert dx.dtype == dtype and dx.stride() == x.stride() and dw.dtype == db.dtype == dtype
+    scale = np.abs(ref_dx).max()
+    assert_close(dx, ref_dx, rtol=rtol, atol=atol * scale, what="train dx")
+    assert_close(dw, ref_dw, rtol=rtol, atol=atol * np.abs(ref_dw).max(), what="train dweight")
+    assert_close(db, ref_db, rtol=rtol, atol=atol * np.abs(ref_db).max(), what="train dbias")
+
+    # eval forward/backward with given (running) statistics
+    rm = torch.linspace(-0.5, 0.5, c, dtype=dtype)
+    rv = torch.linspace(0.5, 3.0, c, dtype=dtype)
+    ye = cpu.eval_forward(x, rm, rv, w, b, 1e-3, axis, act, slope)
+    ref_ye = R.forward_eval(xn, _np(rm), _np(rv), wn, bn, 1e-3, axis, act, slope)
+    assert ye.stride() == x.stride()
+    assert_close(ye, ref_ye, rtol=rtol, atol=atol, what="eval y")
+    dxe, dwe, dbe = cpu.eval_backward(dy, x, ye, w, b, rm, rv, 1e-3, axis, act, slope)
+    ref_dxe, ref_dwe, ref_dbe = ref_eval_backward(_np(dy), xn, _np(rm), _np(rv), wn, bn, 1e-3, axis, act,
+                                                  slope)
+    assert_close(dxe, ref_dxe, rtol=rtol, atol=atol * np.abs(ref_dxe).max(), what="eval dx")
+    assert_close(dwe, ref_dwe, rtol=rtol, atol=atol * np.abs(ref_dwe).max(), what="eval dweight")
+    assert_close(dbe, ref_dbe, rtol=rtol, atol=atol * np.abs(ref_dbe).max(), what="eval dbias")
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc_memory", "nc"])
+def test_without_affine_parameters(layout):
+    x, axis = _input(layout, torch.float64)
+    y, mean, var = cpu.train_forward(x, None, None, 1e-5, axis, "relu", 0.0)
+    assert_close(y, R.forward_train(_np(x), None, None, 1e-5, axis, "relu")[0], what="y")
+    dy = torch.randn_like(x)
+    dx, dw, db = cpu.backward(dy, x, y, None, None, mean, var, 1e-5, axis, "relu", 0.0)
+    assert dw is None and db is None
+    assert_close(dx, R.backward(_np(dy), _np(x), None, None, 1e-5, axis, "relu")[0], what="dx")
+    dxe, dwe, dbe = cpu.eval_backward(dy, x, y, None, None, mean, var, 1e-5, axis, "identity", 0.0)
+    assert dwe is None and dbe is None
+    ref = ref_eval_backward(_np(dy), _np(x), _np(mean), _np(var), None, None, 1e-5, axis)[0]
+    assert_close(dxe, ref, what="eval dx")
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc_memory", "nc"])
+def test_float32_with_mean_far_above_std_keeps_float32_accuracy(layout):
+    """mean 1e4, std 1 in float32: a one-pass E[x²]−E[x]² would lose every digit; the shifted sums do not."""
+    x, axis = _input(layout, torch.float32, mean=1e4, std=1.0)
+    c = x.shape[axis]
+    w, b = _affine(c, torch.float32)
+    y, mean, var = cpu.train_forward(x, w, b, 1e-5, axis, "identity", 0.0)
+    ref_y, _, ref_v = R.forward_train(_np(x), _np(w), _np(b), 1e-5, axis)
+    assert_close(var, ref_v, rtol=1e-9, atol=0, what="var")
+    assert_close(y, ref_y, rtol=1e-5, atol=1e-5, what="y")
+    dy = torch.randn_like(x)
+    dx, dw, _ = cpu.backward(dy, x, y, w, b, mean, var, 1e-5, axis, "identity", 0.0)
+    ref_dx, ref_dw, _ = R.backward(_np(dy), _np(x), _np(w), _np(b), 1e-5, axis)
+    assert_close(dx, ref_dx, rtol=1e-5, atol=1e-5 * np.abs(ref_dx).max(), what="dx")
+    assert_close(dw, ref_dw, rtol=1e-5, atol=1e-5 * np.abs(ref_dw).max(), what="dweight")
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nc"])
+def test_far_out_first_value_triggers_the_exact_two_pass_variance(layout):
+    """The shift is the channel's first value; an outlier there would cancel, so the guard recomputes."""
+    x, axis = _input(layout, torch.float64, mean=0.0, std=1e-3)
+    idx = [0] * x.ndim
+    x[tuple(idx)] = 1e6  # channel 0's first value is an outlier ~1e9 std away
+    y, mean, var = cpu.train_forward(x, None, None, 0.0, axis, "identity", 0.0)
+    ref_y, ref_m, ref_v = R.forward_train(_np(x), None, None, 0.0, axis)
+    assert_close(mean, ref_m, rtol=1e-13, atol=0, what="mean")
+    assert_close(var, ref_v, rtol=1e-10, atol=0, what="var (two-pass fallback)")
+    assert_close(y, ref_y, rtol=1e-8, atol=1e-8, what="y")
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc_memory", "nc"])
+def test_nan_propagates_to_its_channel_only(layout):
+    x, axis = _input(layout, torch.float32)
+    idx = [0] * x.ndim
+    idx[axis] = 1
+    idx[(axis + 1) % x.ndim] = 1  # not the channel's first value (the shift)
+    x[tuple(idx)] = float("nan")
+    y, mean, var = cpu.train_forward(x, None, None, 1e-5, axis, "relu", 0.0)
+    assert torch.isnan(mean[1]) and torch.isnan(var[1])
+    assert torch.isnan(y.select(axis, 1)).all(), "relu must not turn NaN into 0 (torch.relu keeps NaN)"
+    others = [i for i in range(x.shape[axis]) if i != 1]
+    assert torch.isfinite(mean[others]).all()
+    assert torch.isfinite(y.index_select(axis, torch.tensor(others))).all()
+
+
+def test_modules_use_the_kernels_and_match_torch_nn():
+    """BatchNormAct2d / BatchNorm1d, NCHW and channels-last: one training step and one eval step."""
+    def bn_relu():
+        return torch.nn.Sequential(torch.nn.BatchNorm2d(6), torch.nn.ReLU())
+
+    for layout, ours, ref, shape in [
+        (None, batchnorm.BatchNormAct2d(6), bn_relu(), (8, 6, 5, 5)),
+        (torch.channels_last, batchnorm.BatchNormAct2d(6), bn_relu(), (8, 6, 5, 5)),
+        (None, batchnorm.BatchNorm1d(10), torch.nn.BatchNorm1d(10), (32, 10)),
+    ]:
+        x = torch.randn(shape) * 3 + 1
+        if layout is not None:
+            x = x.contiguous(memory_format=layout)
+        assert batchnorm.backend_for(x, 1, ours.activation) == "numba"
+        xo, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+        yo, yr = ours(xo), ref(xr)
+        dy = torch.randn_like(yo)
+        yo.backward(dy)
+        yr.backward(dy)
+        bn_ref = ref[0] if isinstance(ref, torch.nn.Sequential) else ref
+        assert_close(yo, yr, rtol=1e-5, atol=1e-5, what="y")
+        assert_close(xo.grad, xr.grad, rtol=1e-4, atol=1e-5, what="dx")
+        assert_close(ours.weight.grad, bn_ref.weight.grad, rtol=1e-4, atol=1e-4, what="dweight")
+        assert_close(ours.bias.grad, bn_ref.bias.grad, rtol=1e-4, atol=1e-4, what="dbias")
+        assert_close(ours.running_mean, bn_ref.running_mean, rtol=1e-6, atol=1e-6, what="running_mean")
+        assert_close(ours.running_var, bn_ref.running_var, rtol=1e-5, atol=1e-6, what="running_var")
+        ours.eval()
+        ref.eval()
+        assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5, what="eval y")
+
+
+@pytest.mark.parametrize("act,slope", ACTS, ids=[a for a, _ in ACTS])
+def test_functional_auto_equals_forced_torch_fallback(act, slope):
+    """The same call on both backends: same outputs, gradients and running statistics (float32 rounding)."""
+    x0 = torch.randn(6, 4, 3, 5).contiguous(memory_format=torch.channels_last) * 2 + 1
+    w0, b0 = _affine(4, torch.float32)
+    res = {}
+    for name in ("auto", "torch"):
+        x, w, b = (t.clone().requires_grad_() for t in (x0, w0, b0))
+        with batchnorm.use_backend(name):
+            y, st = F.batch_norm_train(x, torch.zeros(4), torch.ones(4), w, b, activation=act,
+                                       negative_slope=slope, num_batches_tracked=torch.tensor(0))
+            torch.autograd.backward(y, torch.ones_like(y) * torch.arange(5.0))
+            ye = F.batch_norm_eval(x0, st.mean, st.var, w0, b0, activation=act, negative_slope=slope)
+        res[name] = (y, x.grad, w.grad, b.grad, st.mean, st.var, ye)
+    for what, a, t in zip(("y", "dx", "dw", "db", "running_mean", "running_var", "eval y"), res["auto"],
+                          res["torch"]):
+        assert_close(a, t, rtol=2e-5, atol=2e-5 * float(t.detach().abs().max()), what=what)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: torch.randn(4, 3, 6, 5)[:, :, ::2],                   # non-contiguous slice
+    lambda: torch.randn(4, 3, 6, 5).half(),                        # float16
+    lambda: torch.randn(4, 3, 6, 5).bfloat16(),                    # bfloat16
+    lambda: torch.randn(4, 3, 6, 5).permute(0, 2, 1, 3),           # permuted, neither layout
+], ids=["strided", "float16", "bfloat16", "permuted"])
+def test_unsupported_inputs_fall_back_to_torch_with_the_same_results(make):
+    x = make()
+    assert batchnorm.backend_for(x) == "torch"
+    y, _ = F.batch_norm_train(x, torch.zeros(x.shape[1]), torch.ones(x.shape[1]), activation="relu")
+    ref_y = R.forward_train(_np(x), None, None, 1e-5, 1, "relu")[0]
+    tol = 2e-6 if x.dtype == torch.float32 else 2e-2
+    assert_close(y, ref_y, rtol=tol, atol=tol, what="fallback y")
+
+
+def test_supports_rejects_other_devices_and_tensor_subclasses():
+    assert not cpu.supports(torch.empty(2, 3, device="meta"), 1, "relu")
+
+    class Sub(torch.Tensor):
+        pass
+
+    assert not cpu.supports(torch.randn(4, 3).as_subclass(Sub), 1, "relu")
+    assert cpu.supports(torch.nn.Parameter(torch.randn(4, 3)), 1, "relu")
+    assert not cpu.supports(torch.randn(4, 3), 1, "gelu")
+    if torch.cuda.is_available():  # exercised on machines with a GPU
+        assert batchnorm.backend_for(torch.randn(4, 3, device="cuda")) == "torch"
+
+
+def test_forcing_numba_on_an_input_it_cannot_run_raises_and_keeps_the_choice():
+    x = torch.randn(4, 3, 5).half()
+    with batchnorm.use_backend("numba"):
+        with pytest.raises(RuntimeError, match="forced backend 'numba' cannot run"):
+            F.batch_norm_train(x)
+        assert batchnorm.get_backend() == "numba"
+        y, _ = F.batch_norm_train(x.float())  # what it can run, it runs
+        assert y.dtype == torch.float32
+    assert batchnorm.get_backend() == "auto"
+    with pytest.raises(ValueError, match="unknown backend 'numbaa'"):
+        batchnorm.set_backend("numbaa")
+    assert batchnorm.get_backend() == "auto"
+
+
+def test_gradcheck_float64_through_the_kernels():
+    for shape, axis, fmt in [((4, 3, 2, 3), 1, torch.channels_last), ((6, 3), 1, None), ((3, 2, 4), 1, None)]:
+        x = torch.randn(shape, dtype=torch.float64)
+        if fmt is not None:
+            x = x.contiguous(memory_format=fmt)
+        x.requires_grad_()
+        w = torch.linspace(0.6, 1.4, shape[axis], dtype=torch.float64).requires_grad_()
+        b = torch.linspace(-0.5, 0.5, shape[axis], dtype=torch.float64).requires_grad_()
+        assert batchnorm.backend_for(x) == "numba"
+        for act, slope in ACTS:
+            def f(x, w, b, act=act, slope=slope):
+                return F.batch_norm_train(x, None, None, w, b, eps=1e-3, activation=act,
+                                          negative_slope=slope)[0]
+
+            assert torch.autograd.gradcheck(f, (x, w, b))
+
+
+def test_threads_follow_torch():
+    from batchnorm.kernels._numba_setup import sync_threads
+
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert sync_threads() == 1
+        x = torch.randn(8, 4, 5, 5)
+        y, _, _ = cpu.train_forward(x, None, None, 1e-5, 1, "identity", 0.0)
+        assert_close(y, TB.train_forward(x, None, None, 1e-5, 1, "identity", 0.0)[0], rtol=1e-5, atol=1e-5,
+                     what="y on one thread")
+    finally:
+        torch.set_num_threads(old)
+    import numba
+
+    assert sync_threads() == min(old, numba.config.NUMBA_NUM_THREADS)
+
+
+def test_import_is_light_and_env_var_forces_the_backend(tmp_path):
+    """``import batchnorm`` loads no numba; BATCHNORM_BACKEND sets the initial choice."""
+    code = ("import sys, torch, batchnorm; assert 'numba' not in sys.modules, 'numba imported eagerly';"
+            "print(batchnorm.get_backend(), batchnorm.backend_for(torch.randn(4, 3)))")
+    env = {**os.environ, "BATCHNORM_BACKEND": "torch"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["torch", "torch"]
