@@ -359,3 +359,27 @@ def test_auto_and_torch_backends_agree_in_float32(layout):
             outs.append((y, xg.grad, w.grad, st.mean, st.var))
     for name, u, v in zip(("y", "dx", "dw", "mean", "var"), *outs, strict=True):
         assert_close(u, v, rtol=1e-5, atol=1e-5 * max(1.0, float(v.detach().abs().max())), what=name)
+
+
+# -- the variance clamp -------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+@pytest.mark.parametrize("value", [0.1, 4.25, -1e4])
+def test_constant_channels_have_zero_variance_and_finite_output(dtype, value):
+    x = torch.randn(7, 3, 5).to(dtype)
+    x[:, 2] = value  # not exactly summable for 0.1: the two-pass variance is a tiny square, never < 0
+    _, var, n = batchnorm.stats.batch_moments(x)
+    assert n == 35 and float(var[2]) >= 0.0 and float(var[2]) <= 1e-12 * max(1.0, value * value)
+    y, st = F.batch_norm_train(x, torch.zeros(3), torch.ones(3), momentum=1.0,
+                               num_batches_tracked=torch.tensor(0))
+    assert torch.isfinite(y).all() and float(y[:, 2].abs().max()) <= 1e-2
+    assert torch.isfinite(st.var).all() and float(st.var[2]) >= 0.0
+
+
+def test_moments_variance_is_clamped_at_zero():
+    """Variances that arrive from elsewhere (merged or user-supplied M2) may be a rounding error below 0."""
+    m = batchnorm.stats.Moments(torch.tensor(4.0), torch.zeros(2), torch.tensor([-1e-20, 2.0]))
+    assert torch.equal(m.var, torch.tensor([0.0, 0.5]))
+    assert torch.equal(m.unbiased_var(), torch.tensor([0.0, 2.0 / 3.0]))
+    merged = batchnorm.stats.merge_moments(torch.tensor([3.0, 0.0]), torch.tensor([[1.0], [5.0]]),
+                                           torch.tensor([[-1e-30], [0.0]]))
+    assert float(merged.m2[0]) == 0.0 and float(merged.mean[0]) == 1.0 and float(merged.count) == 3.0
