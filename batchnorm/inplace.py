@@ -40,16 +40,19 @@ Conditioning: ``x̂`` is recovered with absolute error about ``ulp(|z|) / |γ|``
 |γ| next to a large |β| costs float32 accuracy in ``dx`` and ``dγ`` — the price of not storing x.
 
 **In place and autograd.** With ``inplace=True`` (the default) ``y`` is written into ``x``'s
-storage and the returned tensor *is* ``x`` (``y is x``); its autograd history is rewritten as
-for any in-place op (the Function calls ``ctx.mark_dirty(x)``, which bumps ``x``'s version
-counter). Consequences, each guarded:
+storage and the returned tensor *is* ``x`` (``y is x``; under ``no_grad`` with an ``x`` that
+requires grad, an alias of it); its autograd history is rewritten as for any in-place op (the
+Function calls ``ctx.mark_dirty(x)``, which bumps ``x``'s version counter, so every tensor
+saved before the overwrite is known to be stale). Consequences, each guarded:
 
 * ``x`` must not be a leaf that requires grad, or a view of one (its ``.grad`` would be computed
   from overwritten values) — rejected before anything is written, with a ``ValueError``;
 * ``x`` must not have overlapping memory (``expand``-ed tensors) — ``ValueError``;
 * ``x`` must not be saved by the op that produced it (``exp``, ``sigmoid``, ``tanh``, ``relu``,
-  another InPlaceABN or a fused BN + activation all save their *output*) — detected from
-  ``x.grad_fn`` and rejected in the forward, with a ``ValueError``;
+  another InPlaceABN or a fused BN + activation all save their *output*) — detected from the
+  saved tensors of ``x.grad_fn`` (and of its base's, for a view) and rejected in the forward,
+  with a ``ValueError``. So two InPlace-ABN layers in a row need ``inplace=False`` on the second
+  (or any op between them that does not save its output, as a conv);
 * any *other* op that saved ``x`` before the overwrite (e.g. ``w = x * s`` then ``iabn(x)``) is
   caught by autograd's version counter at backward time: "one of the variables needed for
   gradient computation has been modified by an inplace operation". Likewise if ``y`` itself is
