@@ -17,6 +17,7 @@ def assert_close(actual, expected, *, rtol: float = 1e-10, atol: float = 1e-10, 
     a, e = to_np(actual), to_np(expected)
     if a.shape != e.shape:
         raise AssertionError(f"{what}: shape {a.shape} != expected {e.shape}")
+    a, e = np.atleast_1d(a), np.atleast_1d(e)
     if not (np.isfinite(a) == np.isfinite(e)).all() or not (a[~np.isfinite(a)] == e[~np.isfinite(e)]).all():
         raise AssertionError(f"{what}: non-finite values differ")
     fin = np.isfinite(e)
