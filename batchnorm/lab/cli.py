@@ -106,6 +106,13 @@ def _parser(cmd: str) -> argparse.ArgumentParser:
         help="override an experiment option, e.g. --set convergence.steps=1000 (repeatable)",
     )
     p.add_argument(
+        "--jobs",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        metavar="N",
+        help="experiments run in parallel, one process each (default: 2 with >= 2 cores, else 1)",
+    )
+    p.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -253,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyError, ValueError) as e:
         print(f"batchnorm {cmd}: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 2
+    if args.jobs < 1:
+        print(f"batchnorm {cmd}: --jobs must be >= 1, got {args.jobs}", file=sys.stderr)
+        return 2
     if args.seeds is not None and args.seeds < 1:
         print(f"batchnorm {cmd}: --seeds must be >= 1, got {args.seeds}", file=sys.stderr)
         return 2
@@ -262,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .data import IdxFormatError, load_dataset
     from .report import write_report, write_results
+    from .runner import run_experiment, run_in_workers
     from .train import set_threads
 
     threads = set_threads(args.threads)
@@ -286,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     console.print(
         f"[bold]batchnorm {cmd}[/]: {len(selected)} experiment(s) on {ds.name} "
         f"({ds.x_train.shape[0]} train / {ds.x_test.shape[0]} test, {args.preprocessing}), "
-        f"seeds {seeds}{', quick' if args.quick else ''}, {threads} thread(s) -> {out}/"
+        f"seeds {seeds}{', quick' if args.quick else ''}, {min(args.jobs, len(selected))} job(s) x {threads} "
+        f"thread(s) -> {out}/"
     )
     results: dict[str, Any] = {
         "meta": {
@@ -326,28 +338,32 @@ def main(argv: list[str] | None = None) -> int:
         console=console,
         disable=args.no_progress,
     )
+    jobs = max(1, min(args.jobs, len(selected)))
+    results["meta"]["jobs"] = jobs
     with progress:
-        handle = _RichProgress(progress)
-        for exp in selected:
-            ctx = registry.Context(
-                data=ds, seeds=seeds, quick=args.quick, out=out, progress=handle, options=options[exp.name]
-            )
-            t0, c0 = time.perf_counter(), time.process_time()
-            entry: dict[str, Any] = {"help": exp.help, "config": exp.config(args.quick, options[exp.name])}
-            try:
-                entry["result"] = exp(ctx)
-                entry["error"] = None
-            except Exception as e:  # one failed experiment must not lose the others
+        if jobs == 1:
+            handle = _RichProgress(progress)
+            stream = ((e.name, run_experiment(e, ds, seeds, args.quick, out, handle, options[e.name]))
+                      for e in selected)
+        else:
+            stream = run_in_workers(
+                selected, jobs=jobs, threads=threads, backend=args.backend, seeds=seeds, quick=args.quick,
+                out=out, options=options, new_task=lambda d, t: progress.add_task(d, total=t),
+                advance=lambda tid, n: progress.update(tid, advance=n),
+                data_kwargs={"spec": None if args.data == "digits" else args.data,
+                             "preprocessing": args.preprocessing, "max_train": args.max_train,
+                             "max_test": args.max_test})
+        for name, entry in stream:
+            if entry.get("error"):
                 failed = True
-                entry["result"] = None
-                entry["error"] = f"{type(e).__name__}: {e}"
-                console.print(f"[red]{exp.name} failed: {entry['error']}[/]")
-            entry["wall_s"] = time.perf_counter() - t0
-            entry["cpu_s"] = time.process_time() - c0
-            timings[exp.name] = entry["wall_s"]
-            results["experiments"][exp.name] = entry
+                console.print(f"[red]{name} failed: {entry['error']}[/]")
+            timings[name] = entry.get("wall_s") or 0.0
+            results["experiments"][name] = entry
             results["meta"]["wall_s"] = time.perf_counter() - t_start
             write_results(results, out)  # partial results survive an interrupted run
+    # report order = registry order, whatever order the workers finished in
+    results["experiments"] = {e.name: results["experiments"][e.name] for e in selected
+                              if e.name in results["experiments"]}
     info = write_report(results, out)
     results["meta"]["wall_s"] = time.perf_counter() - t_start
     results["meta"]["cpu_s"] = time.process_time() - c_start

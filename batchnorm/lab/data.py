@@ -77,12 +77,11 @@ def _open(path: str | os.PathLike) -> BinaryIO:
     if not p.is_file():
         raise FileNotFoundError(f"read_idx: no such file {str(p)!r}; point --data at a directory with the "
                                 f"standard MNIST file names or at explicit IDX files")
-    f = open(p, "rb")  # noqa: SIM115 - handed to the caller, closed there
-    head = f.read(2)
-    f.seek(0)
+    with open(p, "rb") as f:
+        head = f.read(2)
     if head == _GZIP_MAGIC:
-        return gzip.GzipFile(fileobj=f, mode="rb")  # type: ignore[return-value]
-    return f
+        return gzip.open(p, "rb")  # type: ignore[return-value]
+    return open(p, "rb")  # handed to the caller, who closes it
 
 
 def read_idx_header(f: BinaryIO, name: str = "<stream>") -> tuple[np.dtype, tuple[int, ...]]:
@@ -342,7 +341,9 @@ def load_idx_dataset(files: dict[str, Path] | list[str | os.PathLike], *, name: 
         if xt.shape[1:] != xs.shape[1:]:
             raise IdxFormatError(f"load_idx_dataset: train images are {xs.shape[1:]} but test images are "
                                  f"{xt.shape[1:]}; they must have the same shape")
-        stats = channel_stats(iter_idx(paths[0], chunk_size)) if max_train is None else None
+        stats = None
+        if max_train is None:  # stream the statistics straight from the file, one chunk in memory
+            stats = channel_stats(_as_images(c, str(paths[0])) for c in iter_idx(paths[0], chunk_size))
     else:
         tr, te = stratified_split(ys, 0.25, seed)
         xs, ys, xt, yt = xs[tr], ys[tr], xs[te], ys[te]

@@ -32,6 +32,7 @@ LABELS = {"mlp": "no BN", "mlp_bn_before": "BN before ReLU"}
          "the "
     "train/eval gap",
     order=60,
+    cost=15,
     defaults={
         "batch_sizes": [2, 4, 8, 16, 32, 64, 128],
         "epochs": 2.0,

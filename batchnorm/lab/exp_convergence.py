@@ -34,6 +34,7 @@ LABELS = {
     "convergence",
     help="accuracy/loss vs step: MLP 300-100 without BN, BN after and before ReLU; CNN with/without BN",
     order=10,
+    cost=30,
     defaults={
         "steps": 600,
         "lr": 0.05,

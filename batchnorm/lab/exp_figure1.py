@@ -67,6 +67,7 @@ def _movement(p: torch.Tensor) -> tuple[list[float], list[float]]:
     help="Ioffe & Szegedy Fig. 1: 3x100 sigmoid MLP, batch 60; test accuracy and the 15/50/85th "
     "percentiles of a last-layer sigmoid input over training, with and without BN",
     order=20,
+    cost=9,
     defaults={
         "steps": 1000,
         "lr": 0.5,

@@ -60,7 +60,8 @@ class ChannelStats:
 
     def update(self, chunk: np.ndarray | torch.Tensor) -> ChannelStats:
         """Fold one chunk of samples in; returns self."""
-        x = torch.as_tensor(np.asarray(chunk) if not isinstance(chunk, torch.Tensor) else chunk)
+        # numpy chunks are copied as float64 (read-only memmaps included); tensors are used as they are
+        x = chunk if isinstance(chunk, torch.Tensor) else torch.from_numpy(np.array(chunk, dtype=np.float64))
         if x.ndim < 2:
             raise ValueError(f"ChannelStats.update: expected a chunk of shape (n, C, ...), got shape "
                              f"{tuple(x.shape)}; add a channel axis, e.g. x[:, None]")
@@ -151,7 +152,10 @@ def normalize(x: np.ndarray | torch.Tensor, stats: ChannelStats, method: str = "
     """
     if method not in METHODS:
         raise ValueError(f"normalize: unknown method {method!r}; expected one of {METHODS}")
-    t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).to(torch.float64)
+    if isinstance(x, torch.Tensor):
+        t = x.to(torch.float64)
+    else:
+        t = torch.from_numpy(np.array(x, dtype=np.float64))
     if t.ndim < 2 or t.shape[1] != len(stats.mean):
         raise ValueError(f"normalize: expected input (N, {len(stats.mean)}, ...) matching the statistics, "
                          f"got shape {tuple(t.shape)}")

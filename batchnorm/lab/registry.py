@@ -14,6 +14,7 @@ first time the CLI or the report asks for the list::
         help="one line shown by `batchnorm run --help`",
         demo=False,                                 # part of `batchnorm demo`? (3-minute budget!)
         order=70,                                   # position in the report and the demo
+        cost=20,                                    # ~seconds on one core (schedules --jobs 2)
         defaults={"steps": 400, "lr": 0.1},         # options; `--set steps=1000` overrides
         quick={"steps": 40},                        # overrides under --quick (tests, smoke runs)
     )
@@ -226,6 +227,7 @@ class Experiment:
     defaults: dict[str, Any] = field(default_factory=dict)
     quick: dict[str, Any] = field(default_factory=dict)
     report: Callable[[dict[str, Any]], Section] | None = None
+    cost: float = 1.0
 
     def config(self, quick: bool = False, options: dict[str, Any] | None = None) -> dict[str, Any]:
         """The configuration a run would use."""
@@ -247,8 +249,12 @@ _DISCOVERED = False
 
 def experiment(name: str, *, help: str, demo: bool = True, order: int = 100,
                defaults: dict[str, Any] | None = None, quick: dict[str, Any] | None = None,
-               ) -> Callable[[Callable[[Context], dict[str, Any]]], Experiment]:
-    """Decorator that registers ``fn(ctx) -> dict`` as the experiment ``name`` (see the module doc)."""
+               cost: float = 1.0) -> Callable[[Callable[[Context], dict[str, Any]]], Experiment]:
+    """Decorator that registers ``fn(ctx) -> dict`` as the experiment ``name`` (see the module doc).
+
+    ``cost`` is a rough relative run time (seconds of the default configuration on one core): with
+    ``--jobs 2`` the longest experiments start first.
+    """
     if not name or not name.replace("_", "").replace("-", "").isalnum():
         raise ValueError(f"experiment: name must be letters, digits, '_' or '-', got {name!r}")
     if quick and set(quick) - set(defaults or {}):
@@ -261,7 +267,7 @@ def experiment(name: str, *, help: str, demo: bool = True, order: int = 100,
             raise ValueError(f"experiment {name!r} is registered twice ({old.run.__module__} and "
                              f"{fn.__module__}); pick another name")
         exp = Experiment(name=name, help=help, run=fn, demo=demo, order=order,
-                         defaults=dict(defaults or {}), quick=dict(quick or {}))
+                         defaults=dict(defaults or {}), quick=dict(quick or {}), cost=float(cost))
         _REGISTRY[name] = exp
         return exp
 
