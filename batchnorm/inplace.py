@@ -235,20 +235,23 @@ _PARALLEL_MIN = 1 << 15
 
 @contextlib.contextmanager
 def _threads_for(numel: int) -> Iterator[None]:
-    """numba threads for a kernel on ``numel`` elements: torch's count, or 1 for small inputs."""
+    """numba threads for a kernel on ``numel`` elements: torch's count, or 1 for small inputs.
+
+    numba's "omp" threading layer and torch share the process's OpenMP runtime, so
+    ``numba.set_num_threads`` also changes ``torch.get_num_threads()``: torch's count is read
+    first and put back afterwards, so a call never changes how many threads torch uses.
+    """
     import numba
 
-    from .kernels._numba_setup import sync_threads
-
-    old = numba.get_num_threads()
-    if numel < _PARALLEL_MIN:
-        numba.set_num_threads(1)
-    else:
-        sync_threads()  # numba's parallel loops use torch's thread count
+    n_torch = torch.get_num_threads()
+    want = 1 if numel < _PARALLEL_MIN else max(1, min(n_torch, numba.config.NUMBA_NUM_THREADS))
+    if numba.get_num_threads() != want:
+        numba.set_num_threads(want)
     try:
         yield
     finally:
-        numba.set_num_threads(old)
+        if torch.get_num_threads() != n_torch:
+            torch.set_num_threads(n_torch)
 
 
 def _layout(x: torch.Tensor, axis: int) -> str | None:

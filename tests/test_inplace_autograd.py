@@ -274,3 +274,19 @@ def test_backend_choice_and_fallbacks(monkeypatch):
     with pytest.raises(RuntimeError, match=r"forced backend 'numba' cannot run a torch\.float16"):
         inplace_abn_train(xh)
     assert tensors_bit_equal(xh, keep)
+
+
+def test_calls_leave_torch_thread_count_alone():
+    """numba's OpenMP layer shares torch's runtime: a call must not change torch.get_num_threads()."""
+    import numba
+
+    before = torch.get_num_threads()
+    try:
+        for n in sorted({1, max(1, min(2, numba.config.NUMBA_NUM_THREADS))}):
+            torch.set_num_threads(n)
+            for shape in ((4, 3, 5, 5), (16, 8, 32, 32)):  # one thread / parallel
+                x = torch.randn(*shape, requires_grad=True)
+                InPlaceABN2d(shape[1])(x * 1).sum().backward()
+                assert torch.get_num_threads() == n
+    finally:
+        torch.set_num_threads(before)

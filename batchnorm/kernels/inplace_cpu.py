@@ -28,8 +28,8 @@ per element.
 Compiled lazily on first call, ``cache=True``, in the cache folder chosen by
 :mod:`batchnorm.kernels._numba_setup` (``NUMBA_CACHE_DIR`` if set). ``error_model="numpy"`` so
 divisions are not guarded by Python's ZeroDivisionError check (which blocks vectorisation).
-Threads: :mod:`batchnorm.inplace` sets them before each call — as many as torch uses
-(:func:`batchnorm.kernels._numba_setup.sync_threads`), or one for small inputs.
+Threads: :mod:`batchnorm.inplace` sets them before each call — as many as torch uses, or one
+for small inputs — and restores torch's count afterwards (numba's OpenMP layer shares it).
 """
 
 from __future__ import annotations
