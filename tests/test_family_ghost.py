@@ -26,6 +26,7 @@ from batchnorm.ghost import (
     ghost_batch_norm_train,
     ghost_batch_sizes,
 )
+from batchnorm.kernels import available_backends, use_backend
 from batchnorm.modules import BatchNorm2d
 
 D = torch.float64
@@ -391,3 +392,25 @@ def test_attributes_changed_after_construction_are_checked_at_call_time():
 def test_ghost_batch_sizes_rejects_bad_n(n):
     with pytest.raises(ValueError, match="positive int"):
         ghost_batch_sizes(n, 2)
+
+
+@pytest.mark.parametrize("backend", available_backends())
+@pytest.mark.parametrize("axis", [1, -1])
+def test_every_backend_matches_reference(backend, axis):
+    x, rm, rv, w, b = _case((12, 3, 4, 4) if axis == 1 else (12, 4, 4, 3), axis)
+    for t in (x, w, b):
+        t.requires_grad_(True)
+    with use_backend(backend):
+        y, new = ghost_batch_norm_train(x, rm, rv, w, b, virtual_batch_size=4, eps=1e-3, channel_axis=axis,
+                                        activation="leaky_relu", negative_slope=0.1)
+        dy = torch.randn_like(y)
+        got = torch.autograd.grad(y, (x, w, b), dy)
+    sizes = [4, 4, 4]
+    ey, means, vars_ = ghost_forward(_np(x), sizes, _np(w), _np(b), 1e-3, axis, "leaky_relu", 0.1)
+    assert_close(y, ey, rtol=1e-11, atol=1e-11, what=f"{backend} forward")
+    exp = ghost_backward(_np(dy), _np(x), sizes, _np(w), _np(b), 1e-3, axis, "leaky_relu", 0.1)
+    for a, e, name in zip(got, exp, ("dx", "dgamma", "dbeta")):
+        assert_close(a, e, rtol=1e-9, atol=1e-10, what=f"{backend} {name}")
+    em, ev, _ = ghost_update_average(_np(rm), _np(rv), means, vars_, _counts(sizes, x, axis), 0.1, 0)
+    assert_close(new.mean, em, rtol=1e-12, atol=1e-12, what="running_mean")
+    assert_close(new.var, ev, rtol=1e-12, atol=1e-12, what="running_var")

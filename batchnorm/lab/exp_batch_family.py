@@ -77,6 +77,7 @@ def _steps(cfg: dict[str, Any], n_train: int, batch: int) -> int:
     help="accuracy vs batch size (2..128): BN, Batch Renorm, Ghost BN, GroupNorm, LayerNorm on the CNN",
     demo=False,
     order=80,
+    cost=480,  # ~160 s per seed on one core (measured), 3 seeds by default
     defaults={"batch_sizes": [2, 4, 8, 32, 128], "methods": ["bn", "renorm", "ghost", "group", "layer"],
               "epochs": 10.0, "max_steps": 0, "lr": 0.05, "lr_batch": 32, "optimizer": "momentum",
               "bn_momentum": 0.1, "virtual_batch_size": 16, "groups": 8, "r_max": 3.0, "d_max": 5.0,
