@@ -199,18 +199,27 @@ def _summary_table(
     colour = {registry.AGREES: "green", registry.PARTLY: "yellow", registry.DISAGREES: "red"}
     table = Table(title="What the run shows", show_lines=True, expand=True)
     table.add_column("experiment", style="bold", no_wrap=True)
-    table.add_column("claim", ratio=2)
-    table.add_column("measured", ratio=3)
+    table.add_column("claim", ratio=3)
+    table.add_column("measured (details in report.html)", ratio=3)
     table.add_column("verdict", no_wrap=True)
     table.add_column("time", justify="right", no_wrap=True)
     seen = set()
     for name, c in claims:
         t = f"{timings.get(name, 0):.0f} s" if name not in seen else ""
         seen.add(name)
-        table.add_row(name, c.claim, c.measured, f"[{colour.get(c.verdict, 'white')}]{c.verdict}[/]", t)
+        verdict_cell = f"[{colour.get(c.verdict, 'white')}]{c.verdict}[/]"
+        table.add_row(name, c.claim, c.headline or c.measured, verdict_cell, t)
     for name, err in errors.items():
         table.add_row(name, "-", f"[red]{err}[/]", "[red]error[/]", f"{timings.get(name, 0):.0f} s")
     console.print(table)
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (the --jobs workers)."""
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -238,7 +247,11 @@ def main(argv: list[str] | None = None) -> int:
         except (FileNotFoundError, ValueError) as e:
             print(f"batchnorm {cmd}: {e}", file=sys.stderr)
             return 2
-        _summary_table(console, info["claims"], {}, info["errors"])
+        from .report import load_results
+
+        done = load_results(args.from_results)["experiments"]
+        _summary_table(console, info["claims"], {k: v.get("wall_s") or 0.0 for k, v in done.items()},
+                       info["errors"])
         console.print(f"report: {info['html']}")
         return 0
 
@@ -283,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, KeyError) as e:
         print(f"batchnorm {cmd}: --backend {args.backend}: {e}", file=sys.stderr)
         return 2
-    t_start, c_start = time.perf_counter(), time.process_time()
+    t_start, c_start = time.perf_counter(), _cpu_seconds()
     try:
         ds = load_dataset(
             None if args.data == "digits" else args.data,
@@ -366,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
                               if e.name in results["experiments"]}
     info = write_report(results, out)
     results["meta"]["wall_s"] = time.perf_counter() - t_start
-    results["meta"]["cpu_s"] = time.process_time() - c_start
+    results["meta"]["cpu_s"] = _cpu_seconds() - c_start
     write_results(results, out)
     _summary_table(console, info["claims"], timings, info["errors"])
     console.print(

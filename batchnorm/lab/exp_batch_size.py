@@ -175,6 +175,8 @@ def _report(result: dict[str, Any]) -> Section:
                     degrades and adv_shrinks and gap_grows, partly=degrades or adv_shrinks or gap_grows
                 ),
                 numbers={"bn_eval_acc": acc, "no_bn_eval_acc": base, "advantage": adv, "gap": gap},
+                headline=(f"BN acc batch {small}: {acc[small]:.3f} vs {acc[best]:.3f} (batch {best}); gap "
+                          f"{gap[small] * 100:+.1f} vs {gap[sizes[-1]] * 100:+.1f} pt"),
             )
         )
     text = (

@@ -74,7 +74,7 @@ def _pairs(result: dict[str, Any], base: str, other: str) -> list[dict[str, Any]
 
 def _claim(result: dict[str, Any], base: str, others: list[str], what: str) -> Claim:
     frac = float(result["config"]["target_fraction"])
-    parts, numbers, ok_all, faster_any = [], {}, True, False
+    parts, heads, numbers, ok_all, faster_any = [], [], {}, True, False
     for o in others:
         rr = _pairs(result, base, o)
         strict = [
@@ -94,6 +94,11 @@ def _claim(result: dict[str, Any], base: str, others: list[str], what: str) -> C
             "mean_fraction": mean_strict,
             "reached_all_seeds": reached,
         }
+        m_steps = summary([r["steps"] for r in rr])["mean"]
+        m_base = summary([r["baseline_steps_to_target"] for r in rr])["mean"]
+        heads.append(f"{LABELS[o].split(', ', 1)[-1]}: step {m_steps:.0f} vs {m_base:.0f} ({mean_strict:.2f})"
+                     if m_steps is not None and m_base and mean_strict is not None
+                     else f"{LABELS[o].split(', ', 1)[-1]}: never reached")
         parts.append(
             f"{LABELS[o]}: reaches {fmt_pm([r['target'] for r in rr])} at step "
             f"{fmt_pm([r['steps'] for r in rr], 0)} vs the baseline's "
@@ -107,6 +112,7 @@ def _claim(result: dict[str, Any], base: str, others: list[str], what: str) -> C
         measured="; ".join(parts) + ("" if ok_all else "; a model that never reaches it counts as failing"),
         verdict=verdict(ok_all, partly=faster_any),
         numbers=numbers,
+        headline="; ".join(heads),
     )
 
 

@@ -182,6 +182,8 @@ def _report(result: dict[str, Any]) -> Section:
             f"without {fmt_pm(s['sigmoid'])}"
         ),
         verdict=verdict(drift_ok and spread_ok, partly=less),
+        headline=(f"BN vs no BN: drift {md['sigmoid_bn'] or 0:.2f} vs {md['sigmoid'] or 0:.2f}, "
+                  f"spread change {ms['sigmoid_bn'] or 0:.2f} vs {ms['sigmoid'] or 0:.2f}"),
         numbers={"median_drift": d, "spread_change": s},
     )
     a_bn, a_no = summary(acc["sigmoid_bn"])["mean"], summary(acc["sigmoid"])["mean"]
@@ -198,6 +200,8 @@ def _report(result: dict[str, Any]) -> Section:
         verdict=verdict(
             early_ok and (a_bn or 0) >= (a_no or 0) - 0.005, partly=early_ok or (a_bn or 0) > (a_no or 0)
         ),
+        headline=(f"step {q_step}: {summary(half_bn)['mean'] or 0:.3f} vs {summary(half)['mean'] or 0:.3f}; "
+                  f"final {a_bn or 0:.3f} vs {a_no or 0:.3f} (BN vs no BN)"),
         numbers={
             "acc_at_quarter": {"sigmoid": half, "sigmoid_bn": half_bn},
             "final": acc,

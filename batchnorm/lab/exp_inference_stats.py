@@ -277,6 +277,8 @@ def _report(result: dict[str, Any]) -> Section:
         + "; ".join(f"{n} {fmt_pm(fin[n])} ({diffs[n] * 100:+.1f} pt)" for n in diffs),
         verdict=verdict(all(within.values()), partly=within.get(default, False) or any(within.values())),
         numbers={"final_test_acc": fin, "difference_to_exact": diffs},
+        headline=f"exact {exact:.3f}; largest difference "
+        f"{max((abs(d) for d in diffs.values()), default=0) * 100:.1f} pt",
     )
     gap = {
         n: [r["final_test_acc"]["batch statistics (train mode)"] - r["final_test_acc"][n] for r in runs]
@@ -299,6 +301,9 @@ def _report(result: dict[str, Any]) -> Section:
             small.get(default, False) and small.get("exact (recomputed)", False), partly=any(small.values())
         ),
         numbers={"test_gap": gap, "train_gap": gtrain},
+        headline="test gap: " + ", ".join(
+            f"{n.replace('EMA momentum', 'EMA')} {(summary(gap[n])['mean'] or 0) * 100:+.1f} pt"
+            for n in (default, "exact (recomputed)") if n in gap),
     )
     d = {
         n: [r["distance_to_exact"][n]["mean_shift"] for r in runs]

@@ -137,6 +137,9 @@ def _report(result: dict[str, Any]) -> Section:
         + "; ".join(parts)
         + f" (grid {', '.join(f'{float(v):g}' for v in cfg['lrs'])})",
         verdict=verdict(agrees, partly=partly),
+        headline=f"largest trainable lr: no BN {base}, "
+        + ", ".join(f"{LABELS[k]} {t[k]['max_lr']}" + (f" ({r:.3g}x)" if r else "")
+                    for k, r in ratios.items()),
         numbers={
             "max_lr": {k: v["max_lr"] for k, v in t.items()},
             "ratio": ratios,

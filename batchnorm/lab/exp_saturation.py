@@ -199,6 +199,11 @@ def _report(result: dict[str, Any]) -> Section:
             f"{_sci(g1[k_no])}"
         ),
         verdict=verdict(bn_trains and no_stalls, partly=better),
+        headline=(
+            f"final acc BN {summary(acc_bn)['mean'] or 0:.3f} vs no BN {summary(acc_no)['mean'] or 0:.3f}; "
+            f"saturated at start {summary(sat0[k_bn])['mean'] or 0:.0%} vs "
+            f"{summary(sat0[k_no])['mean'] or 0:.0%}"
+        ),
         numbers={
             "final_acc": {k: [h["final_test_acc"] for h in hs] for k, hs in runs.items()},
             "saturation_start": sat0,

@@ -191,10 +191,11 @@ class Claim:
     measured: str
     verdict: str
     numbers: dict[str, Any] = field(default_factory=dict)
+    headline: str = ""  # a short form of `measured` for the terminal summary table
 
     def to_json(self) -> dict[str, Any]:
         return {"claim": self.claim, "measured": self.measured, "verdict": self.verdict,
-                "numbers": self.numbers}
+                "headline": self.headline, "numbers": self.numbers}
 
 
 @dataclass
