@@ -32,7 +32,7 @@ LABELS = {"mlp": "no BN", "mlp_bn_before": "BN before ReLU"}
          "the "
     "train/eval gap",
     order=60,
-    cost=15,
+    cost=24,
     defaults={
         "batch_sizes": [2, 4, 8, 16, 32, 64, 128],
         "epochs": 2.0,

@@ -125,7 +125,7 @@ def _distance(
     help="inference statistics: EMA with several momenta vs cumulative average (momentum=None) vs exact "
     "recomputation over the training set; the train/eval accuracy gap",
     order=50,
-    cost=9,
+    cost=8,
     defaults={
         "momenta": [0.01, 0.1, 0.5],
         "steps": 400,

@@ -28,7 +28,7 @@ LABELS = {"mlp": "no BN", "mlp_bn_after": "BN after ReLU", "mlp_bn_before": "BN 
     help="learning-rate sweep 0.02..50 (SGD): which rates train (no divergence, accuracy >= 0.8), MLP with "
     "and without BN",
     order=30,
-    cost=24,
+    cost=26,
     defaults={
         "lrs": [0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0],
         "steps": 200,

@@ -67,7 +67,7 @@ def _key(kind: str, shift: float) -> str:
     help="article 004: sigmoid MLP with pre-activations shifted to mean -6: saturated fraction, per-layer "
     "gradient norms and accuracy, with and without BN",
     order=40,
-    cost=12,
+    cost=11,
     defaults={
         "shift": -6.0,
         "steps": 500,
