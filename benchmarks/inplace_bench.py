@@ -20,6 +20,19 @@ step time of ``torch``.
     python benchmarks/inplace_bench.py --quick     # CI smoke: tiny shape, 2 runs
 
 ``main(argv)`` returns the figures as a dict (and ``--json PATH`` writes them).
+
+Measured (float32, default shape, median of 9, ``--repeats 9``):
+
+    machine                                   saved bytes   step time (iabn / torch)
+    2-core dev VM (loaded, load avg ~13)      0.417         0.81   (2.55 s vs 3.16 s)
+    16-core host, --threads 2                 0.417         0.87   (566 ms vs 650 ms)
+    16-core host, --threads 16                0.417         1.01   (125 ms vs 124 ms)
+
+The saved-bytes ratio is exactly (1 + B) / (1 + 3B - 1) + per-channel vectors for B blocks: the
+torch stack keeps conv output, BN output and activation output per block, InPlace-ABN only the
+activation output, which the next conv saves anyway. On the same host's H100 (the torch path,
+see the module docs of :mod:`batchnorm.inplace`) the step's peak memory was 0.85× (4 blocks) and
+0.61× (8 blocks) of torch's, at 2.5× its step time (no fused CUDA kernel yet).
 """
 
 from __future__ import annotations
