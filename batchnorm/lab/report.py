@@ -151,6 +151,16 @@ def _claims_table(rows: list[tuple[str, Claim]]) -> str:
     )
 
 
+def _disagreements(claims: list[Claim]) -> str:
+    """A sentence for every claim the run does not (fully) support, so it cannot be missed."""
+    off = [c for c in claims if c.verdict != AGREES]
+    if not off:
+        return ""
+    items = "".join(f"<li>{_badge(c.verdict)} {html.escape(c.claim)}: the run measured "
+                    f"{html.escape(c.headline or c.measured)}.</li>" for c in off)
+    return f"<p><b>Where this run does not (fully) agree:</b></p><ul>{items}</ul>"
+
+
 def write_report(results: dict[str, Any], out: str | os.PathLike) -> dict[str, Any]:
     """Write the PNG figures and ``report.html`` into ``out`` from ``results`` alone.
 
@@ -188,6 +198,7 @@ def write_report(results: dict[str, Any], out: str | os.PathLike) -> dict[str, A
             f"&middot; {html.escape(entry.get('help', ''))} &middot; {timing}</p>"
             f"<p><b>What the run shows.</b> {html.escape(sec.text)}</p>"
             + (_claims_table([(name, c) for c in sec.claims]) if sec.claims else "")
+            + _disagreements(sec.claims)
             + "".join(imgs)
             + "<details><summary>configuration</summary><pre>"
             + html.escape(json.dumps(entry.get("config", {}), indent=1))
@@ -204,8 +215,8 @@ def write_report(results: dict[str, Any], out: str | os.PathLike) -> dict[str, A
         f"&middot; "
         f"seeds {meta.get('seeds', '?')} &middot; "
         f"{'quick mode' if meta.get('quick') else 'full configuration'} "
-        f"&middot; {meta.get('threads', '?')} thread(s) &middot; wall time {meta.get('wall_s', 0) or 0:.1f} "
-        f"s "
+        f"&middot; {meta.get('jobs', 1)} job(s) x {meta.get('threads', '?')} thread(s) "
+        f"&middot; wall time {meta.get('wall_s', 0) or 0:.1f} s "
         f"&middot; torch {html.escape(str(meta.get('torch', '?')))} &middot; created "
         f"{html.escape(str(meta.get('created', '')))}</p>"
         f"<p class='meta'>command: <code>{html.escape(str(meta.get('command', '')))}</code></p>"
