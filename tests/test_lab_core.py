@@ -201,3 +201,27 @@ def test_recompute_bn_stats_is_exact_layer_by_layer(digits):
         torch.testing.assert_close(s["mean"], mean, rtol=0, atol=2e-6)
         torch.testing.assert_close(s["var"], var * n / (n - 1), rtol=2e-6, atol=1e-6)
         torch.testing.assert_close(layer.running_mean.double(), mean, rtol=0, atol=2e-6)
+
+
+def test_a_broken_experiment_module_is_skipped_and_reported(monkeypatch):
+    import importlib
+    import pkgutil
+
+    real_iter, real_import = pkgutil.iter_modules, importlib.import_module
+
+    def fake_iter(path):
+        yield from real_iter(path)
+        yield pkgutil.ModuleInfo(None, "exp_zz_broken", False)
+
+    def fake_import(name, *a, **k):
+        if name.endswith("exp_zz_broken"):
+            raise SyntaxError("invalid syntax (exp_zz_broken.py, line 3)")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(pkgutil, "iter_modules", fake_iter)
+    monkeypatch.setattr(importlib, "import_module", fake_import)
+    monkeypatch.setattr(registry, "_DISCOVERED", False)
+    monkeypatch.setattr(registry, "_ERRORS", {})
+    errors = registry.discovery_errors()
+    assert errors == {"exp_zz_broken": "SyntaxError: invalid syntax (exp_zz_broken.py, line 3)"}
+    assert set(MINE) <= {e.name for e in registry.registered()}

@@ -238,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
     console = Console(stderr=False)
+    for mod, err in registry.discovery_errors().items():
+        console.print(f"[yellow]warning: experiment module batchnorm.lab.{mod} failed to import and is "
+                      f"skipped: {err}[/]")
     out = Path(args.out)
     if args.from_results:
         from .report import regenerate

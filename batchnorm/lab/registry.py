@@ -70,6 +70,7 @@ __all__ = [
     "TaskLike",
     "demo_selection",
     "discover",
+    "discovery_errors",
     "experiment",
     "get",
     "merge_config",
@@ -246,6 +247,7 @@ class Experiment:
 
 _REGISTRY: dict[str, Experiment] = {}
 _DISCOVERED = False
+_ERRORS: dict[str, str] = {}
 
 
 def experiment(name: str, *, help: str, demo: bool = True, order: int = 100,
@@ -284,8 +286,17 @@ def discover() -> None:
 
     for info in sorted(pkgutil.iter_modules(lab_path), key=lambda m: m.name):
         if info.name.startswith("exp_"):
-            importlib.import_module(f"{__package__}.{info.name}")
+            try:
+                importlib.import_module(f"{__package__}.{info.name}")
+            except Exception as e:  # one broken experiment module must not take the others down
+                _ERRORS[info.name] = f"{type(e).__name__}: {e}"
     _DISCOVERED = True
+
+
+def discovery_errors() -> dict[str, str]:
+    """``{module: error}`` for every ``exp_*`` module that failed to import (the CLI warns about them)."""
+    discover()
+    return dict(_ERRORS)
 
 
 def registered() -> list[Experiment]:
