@@ -182,7 +182,7 @@ class _BatchNorm(nn.Module):
             return F.batch_norm_eval(x, self.running_mean, self.running_var, self.weight, self.bias,
                                      eps=self.eps, channel_axis=axis, activation=self.activation,
                                      negative_slope=self.negative_slope)
-        # As torch: buffers present but track_running_stats switched off -> train on batch stats, update nothing.
+        # As torch: buffers present but track_running_stats switched off -> batch stats, no update.
         track = self.training and self.track_running_stats and self.running_mean is not None
         y, new = F.batch_norm_train(
             x,

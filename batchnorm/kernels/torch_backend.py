@@ -118,7 +118,8 @@ def backward(dy, x, y, weight, bias, mean, var, eps, channel_axis, act, slope):
     g = dz.sum(dim=dims)
     h = (dz * xhat).sum(dim=dims)
     scale = invstd if weight is None else invstd * weight.to(acc)
-    dx = _view(scale, nd, channel_axis) * (dz - _view(g / n, nd, channel_axis) - xhat * _view(h / n, nd, channel_axis))
+    dx = _view(scale, nd, channel_axis) * (dz - _view(g / n, nd, channel_axis)
+                                           - xhat * _view(h / n, nd, channel_axis))
     dweight = None if weight is None else h.to(weight.dtype)
     dbias = None if bias is None else g.to(bias.dtype)
     return dx.to(x.dtype), dweight, dbias
