@@ -328,20 +328,23 @@ def test_batch_norm_train_nonfinite_policies(policy):
 # -- the backend switch ----------------------------------------------------------------------------------
 def test_backend_switch_reports_and_restores():
     x = torch.randn(4, 3, 2, 2)
-    assert batchnorm.get_backend() == "auto"
+    start = batchnorm.get_backend()  # "auto", unless BATCHNORM_BACKEND says otherwise
     assert batchnorm.backend_for(x) in kernels.available_backends()
     with batchnorm.use_backend("torch"):
         assert batchnorm.get_backend() == "torch"
         assert batchnorm.backend_for(x, channel_axis=-1, activation="elu") == "torch"
-    assert batchnorm.get_backend() == "auto"
+    assert batchnorm.get_backend() == start
     with pytest.raises(KeyError), batchnorm.use_backend("torch"):  # restored even when the block raises
         raise KeyError("boom")
-    assert batchnorm.get_backend() == "auto"
+    assert batchnorm.get_backend() == start
     batchnorm.set_backend("torch")
     try:
         assert batchnorm.get_backend() == "torch"
     finally:
-        batchnorm.set_backend("auto")
+        batchnorm.set_backend(start)
+    with batchnorm.use_backend("auto"):
+        assert batchnorm.get_backend() == "auto" and batchnorm.backend_for(x) in kernels.available_backends()
+        assert batchnorm.backend_for(x.half()) in kernels.available_backends()
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])

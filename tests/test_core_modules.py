@@ -560,3 +560,23 @@ def test_bias_false_keyword_matches_torch():
     _close(xo.grad, xt.grad, torch.float32, "dx")
     _close(om.weight.grad, tm.weight.grad, torch.float32, "dweight")
     _close(om.running_var, tm.running_var, torch.float32, "running_var")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_half_precision_module_keeps_its_dtype(dtype):
+    """module.to(half): parameters, buffers and output stay half; statistics are still taken in float32."""
+    om, tm = batchnorm.BatchNorm2d(C).to(dtype), nn.BatchNorm2d(C).to(dtype)
+    tol = 1e-2 if dtype == torch.float16 else 3e-2
+    for n in (4, 6):
+        x = (torch.randn(n, C, 3, 3) * 2 + 3).to(dtype)
+        y = om(x)
+        assert y.dtype == om.running_mean.dtype == om.running_var.dtype == dtype
+        y_ref, _, _ = R.forward_train(np64(x), None, None, om.eps)
+        assert_close(y, y_ref, rtol=tol, atol=tol, what=f"{dtype} y vs oracle")
+        tm(x)
+        assert_close(om.running_mean, tm.running_mean, rtol=tol, atol=tol, what="running mean vs torch")
+        assert_close(om.running_var, tm.running_var, rtol=tol, atol=tol, what="running var vs torch")
+    om.eval()
+    tm.eval()
+    x = (torch.randn(3, C, 3, 3) + 3).to(dtype)
+    assert_close(om(x), tm(x), rtol=tol, atol=tol, what="eval vs torch")
