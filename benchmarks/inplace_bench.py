@@ -24,7 +24,8 @@ step time of ``torch``.
 Measured (float32, default shape, median of 9, ``--repeats 9``):
 
     machine                                   saved bytes   step time (iabn / torch)
-    2-core dev VM (loaded, load avg ~13)      0.417         0.81   (2.55 s vs 3.16 s)
+    2-core dev VM, shared (load avg 4)        0.417         0.84   (1.37 s vs 1.63 s)
+    2-core dev VM, shared (load avg 13)       0.417         0.81   (2.55 s vs 3.16 s)
     16-core host, --threads 2                 0.417         0.87   (566 ms vs 650 ms)
     16-core host, --threads 16                0.417         1.01   (125 ms vs 124 ms)
 
