@@ -24,7 +24,6 @@ import batchnorm
 from batchnorm import functional as F
 from batchnorm import reference as R
 from batchnorm.kernels import cpu
-from batchnorm.kernels import torch_backend as TB
 
 ACTS = [("identity", 0.01), ("relu", 0.0), ("leaky_relu", 0.1), ("elu", 0.7)]
 DTYPES = [torch.float32, torch.float64]
@@ -80,8 +79,10 @@ def test_every_kernel_matches_the_oracle(dtype, layout, act, slope):
     ref_y, ref_m, ref_v = R.forward_train(xn, wn, bn, 1e-5, axis, act, slope)
     assert y.dtype == dtype and y.shape == x.shape and y.stride() == x.stride()
     assert mean.dtype == var.dtype == torch.float64
-    assert_close(mean, ref_m, rtol=1e-12, atol=1e-12, what="batch mean")
-    assert_close(var, ref_v, rtol=1e-10, atol=1e-12, what="batch var")
+    # sums run in x's dtype over chunks, chunk totals in float64: float32 accuracy for float32 data
+    stat_tol = 1e-6 if dtype == torch.float32 else 1e-12
+    assert_close(mean, ref_m, rtol=stat_tol, atol=stat_tol * np.sqrt(ref_v.max()), what="batch mean")
+    assert_close(var, ref_v, rtol=10 * stat_tol, atol=0, what="batch var")
     assert_close(y, ref_y, rtol=rtol, atol=atol, what="train y")
 
     # train backward (dy in another layout on purpose: the kernel must adopt x's)
@@ -132,7 +133,7 @@ def test_float32_with_mean_far_above_std_keeps_float32_accuracy(layout):
     w, b = _affine(c, torch.float32)
     y, mean, var = cpu.train_forward(x, w, b, 1e-5, axis, "identity", 0.0)
     ref_y, _, ref_v = R.forward_train(_np(x), _np(w), _np(b), 1e-5, axis)
-    assert_close(var, ref_v, rtol=1e-9, atol=0, what="var")
+    assert_close(var, ref_v, rtol=1e-5, atol=0, what="var")
     assert_close(y, ref_y, rtol=1e-5, atol=1e-5, what="y")
     dy = torch.randn_like(x)
     dx, dw, _ = cpu.backward(dy, x, y, w, b, mean, var, 1e-5, axis, "identity", 0.0)
@@ -278,22 +279,30 @@ def test_gradcheck_float64_through_the_kernels():
             assert torch.autograd.gradcheck(f, (x, w, b))
 
 
-def test_threads_follow_torch():
-    from batchnorm.kernels._numba_setup import sync_threads
-
+def test_threads_follow_torch_and_give_the_same_results():
+    """The kernels split work over torch.get_num_threads() threads: channels-first results are bit-identical
+    (a channel is never split); channels-last partial sums are merged in float64 (equal to rounding)."""
     old = torch.get_num_threads()
+    x = torch.randn(16, 8, 32, 32)  # big enough for two threads
+    xl = x.contiguous(memory_format=torch.channels_last)
+    dy = torch.randn_like(x)
+    out = {}
     try:
-        torch.set_num_threads(1)
-        assert sync_threads() == 1
-        x = torch.randn(8, 4, 5, 5)
-        y, _, _ = cpu.train_forward(x, None, None, 1e-5, 1, "identity", 0.0)
-        assert_close(y, TB.train_forward(x, None, None, 1e-5, 1, "identity", 0.0)[0], rtol=1e-5, atol=1e-5,
-                     what="y on one thread")
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            assert cpu._threads(x.numel(), 8) == n
+            res = []
+            for xx in (x, xl):
+                y, m, v = cpu.train_forward(xx, None, None, 1e-5, 1, "relu", 0.0)
+                res += [y, m, v, *cpu.backward(dy, xx, y, None, None, m, v, 1e-5, 1, "relu", 0.0)[:1]]
+            out[n] = res
     finally:
         torch.set_num_threads(old)
-    import numba
-
-    assert sync_threads() == min(old, numba.config.NUMBA_NUM_THREADS)
+    assert cpu._threads(100, 8) == 1, "a tiny input must not pay for a thread hand-off"
+    for a, b in zip(out[1][:4], out[2][:4]):
+        assert torch.equal(a, b)
+    for a, b in zip(out[1][4:], out[2][4:]):
+        assert_close(a, b, rtol=1e-6, atol=1e-6, what="channels-last, 1 vs 2 threads")
 
 
 def test_import_is_light_and_env_var_forces_the_backend(tmp_path):

@@ -1,4 +1,4 @@
-"""Where numba keeps its compiled-kernel cache, and how many threads it uses — set up before numba loads.
+"""Where numba keeps its compiled-kernel cache — set up before numba loads.
 
 numba's ``cache=True`` writes machine code next to the source file (``__pycache__``) when that
 folder is writable, which it often is not for an installed package (site-packages owned by root,
@@ -16,10 +16,6 @@ of this package calls :func:`configure` before ``import numba``::
     from ._numba_setup import configure
     configure()
     import numba
-
-Threads: :func:`sync_threads` makes numba's parallel loops use as many threads as torch
-(``torch.get_num_threads()``, capped by numba's pool size), so ``torch.set_num_threads`` governs
-both.
 """
 
 from __future__ import annotations
@@ -28,7 +24,7 @@ import os
 import sys
 import tempfile
 
-__all__ = ["cache_dir", "configure", "sync_threads"]
+__all__ = ["cache_dir", "configure"]
 
 _configured: str | None = None
 
@@ -70,13 +66,3 @@ def configure() -> str | None:
     _configured = d or ""
     return d
 
-
-def sync_threads() -> int:
-    """Use ``torch.get_num_threads()`` threads in numba's parallel loops; returns the count set."""
-    import numba
-    import torch
-
-    n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    if numba.get_num_threads() != n:
-        numba.set_num_threads(n)
-    return n

@@ -13,56 +13,94 @@ Memory layouts (anything else — CUDA, float16/bfloat16, non-contiguous inputs,
 subclasses — is left to the torch backend by :func:`supports`):
 
 * ``(N, C, L)``: a contiguous tensor with channels on any axis, viewed as ``(before, C, after)``
-  (NCHW, NCDHW, (N, C, L), …). ``prange`` over channels: one thread owns a channel and walks its
-  N contiguous runs of L values, so the statistics sweep and the normalise sweep of a channel
-  follow each other while the channel is still in the 2 MiB L2 cache.
+  (NCHW, NCDHW, (N, C, L), …). A thread owns a range of channels and walks each channel's N
+  contiguous runs of L values, so the statistics sweep and the normalise sweep of a channel
+  follow each other while the channel is still in cache (2 MiB L2 per core here).
 * ``(M, C)``: channels innermost — (N, C) input, channels-last memory (NHWC/NDHWC with
-  ``channel_axis=1``) or a logically channels-last tensor (``channel_axis=-1``). ``prange`` over
-  blocks of rows; each block keeps its own per-channel vector of partial sums; the vectors are
-  added up after the parallel loop.
+  ``channel_axis=1``) or a logically channels-last tensor (``channel_axis=-1``). Threads own
+  blocks of rows and keep per-channel vectors of partial sums, added up afterwards; every loop runs
+  over channels innermost, so the sums vectorise across channels.
 
 Passes over memory: train forward reads x once for the statistics and once more to write y (the
 second read comes from cache in the ``(N, C, L)`` layout); the backward reads x and dy once for
 g and h and once more to write dx; eval reads x and writes y. The backward needs only x, dy and
-the per-channel mean and variance: relu/leaky_relu masks are recomputed from ``z = x̂·γ + β``
-(cheaper than reading y); ELU reads ``y`` for ``act'(z) = y + α``.
+the per-channel mean and variance: relu/leaky_relu masks are recomputed from
+``z = (x − mean)·γ·invstd + β`` (cheaper than reading y; the dx pass uses the very instructions of
+the forward, so it sees the forward's mask bit for bit); ELU reads ``y`` for ``act'(z) = y + α``.
 
 Numerics, where they happen:
 
-* Everything is computed in float64 inside the kernels, whatever the input dtype (the float32
-  loads are widened; the arithmetic is not the bottleneck, memory is). Outputs are rounded once to
-  the input dtype, so float32 results equal the float64 oracle to float32 rounding.
 * Statistics in one sweep with a **shift**: with ``k`` = the channel's first value,
   ``S₁ = Σ (x − k)``, ``S₂ = Σ (x − k)²``, ``mean = k + S₁/n``, ``var = S₂/n − (S₁/n)²``. Because
   ``k`` is one of the data, ``|mean − k|`` is a few standard deviations and the subtraction does
   not cancel even when ``|mean| ≫ std`` (float32 data of mean 1e4 and std 1 keeps float32
   accuracy). If the shift happens to be far out (``(mean − k)² > 10⁶·var``, e.g. an outlier
-  first value) the variance is recomputed two-pass, ``Σ (x − mean)² / n``, which is exact. The
-  variance is clamped at 0; NaN/Inf propagate (no ``nnan``/``ninf`` fast-math flags), so the
-  ``nonfinite`` policies of the modules see them as with torch.
-* ``fastmath`` allows re-association and contraction only (``reassoc``, ``contract``): the sums
-  vectorise; in float64 the re-ordering changes results by ~1e-16 relative.
+  first value) the variance is recomputed two-pass, ``Σ (x − mean)² / n``, which is exact.
+* The sums run in the input dtype over short stretches (runs of ≤ 4096 values, or blocks of 16
+  rows) and every stretch's total is added in **float64**: float32 rounding stays that of a
+  4096-term sum however large the batch. The variance is clamped at 0; NaN/Inf propagate (no
+  ``nnan``/``ninf`` fast-math flags), so the ``nonfinite`` policies of the modules see them.
+* Elementwise work is done in the input dtype (float32 SIMD lanes are twice as many as float64):
+  ``z = ((x − hi) − lo)·(γ·invstd) + β`` where ``hi`` is the float64 mean rounded to the input
+  dtype and ``lo = mean − hi``. ``x − hi`` is exact near the mean (Sterbenz), so the split mean
+  keeps float32 outputs exact to rounding when ``|mean| ≫ std``. These loops are compiled with
+  ``fastmath={"contract"}`` only (fused multiply-add, never re-association, which could merge
+  ``hi`` and ``lo``); the sums use ``{"reassoc", "contract"}`` so that they vectorise, and take
+  ``Σ dz·(x − hi)`` with ``lo·Σ dz`` subtracted afterwards in float64.
 * The batch mean and variance are returned as **float64** tensors (the torch backend returns the
-  accumulation dtype): the backward re-reads x and needs the mean to better than float32 precision
-  when ``|mean| ≫ std``; running statistics are cast to their buffer dtype by the caller.
+  accumulation dtype): the backward needs the mean to better than float32 precision when
+  ``|mean| ≫ std``; running statistics are cast to their buffer dtype by the caller.
 
-Activations are one run-time integer code (0 identity, 1 relu, 2 leaky_relu, 3 elu with
-``α = slope``), so each kernel compiles once per dtype: 4 kernels × {float32, float64}.
+Activations: identity, relu and leaky_relu are one code path (``z`` if ``z > 0`` else
+``neg·z`` with neg = 1, 0, slope), ELU a run-time flag; activation, slope and α are run-time
+values, so each kernel compiles once per dtype (float32, float64) and no more.
+
+Threads: the kernels are plain sequential numba functions (``nogil=True``); a call is split into
+``torch.get_num_threads()`` disjoint channel ranges or row blocks that run on a small thread pool,
+one on the calling thread (inputs under 64 Ki values run on one thread). Against numba's
+``parallel=True``/``prange`` this compiles 2–3× faster (each ``prange`` loop is a separately
+compiled gufunc) and runs no OpenMP pool beside torch's; a channel is never split, so results do
+not depend on the thread count in the ``(N, C, L)`` layout.
+
+Allocation (measured with ``batchnorm bench --alloc``, 2-core machine, 128×64×56×56 float32,
+103 MB, medians; the machine was shared, so the ratios matter):
+
+    copy_ into a preallocated tensor                  ALLOC_COPY ms
+    torch.empty_like + copy_ (fresh pages)            ALLOC_FRESH ms   page faults ≈ the copy again
+    our reuse pool + copy_                            ALLOC_POOL ms
+    our train fwd+relu, torch.empty_like outputs      ALLOC_OURS_EMPTY ms
+    our train fwd+relu, pool outputs (the choice)     ALLOC_OURS_POOL ms
+    our train fwd+relu into one preallocated buffer   ALLOC_OURS_PRE ms
+
+A tensor above glibc's mmap threshold (≤ 32 MiB) is a fresh ``mmap``: every 4 KiB page faults and
+is zero-filled on first write. Choice: outputs (y, dx) come from :mod:`batchnorm.kernels._pool`,
+which hands a buffer out again only when nothing else references it (autograd-safe by
+construction), so a training loop writes into warm pages; it is as fast as a preallocated buffer.
+Rejected: glibc tuning with ``mallopt(M_MMAP_MAX=0, M_TRIM_THRESHOLD=…)`` also removes the faults
+(``empty_like + copy_`` at the copy's speed) but changes the allocator of the whole process —
+never returning memory to the OS — which a library must not do behind a user's back (and ``mallopt``
+is glibc-only); writing outputs in place of a temporary is unsafe when the caller still holds it.
+Saved tensors: the training op saves x, γ, β, the per-channel mean and variance (C values each)
+and y only for ELU — nothing of the input's size is allocated for the backward.
 
 Compilation: lazily at first use, ``cache=True``, cache folder from
-:mod:`batchnorm.kernels._numba_setup`. Importing :mod:`batchnorm` does not import this module or
-numba. Threads: numba's parallel loops use ``torch.get_num_threads()`` threads.
+:mod:`batchnorm.kernels._numba_setup`. Importing :mod:`batchnorm` imports neither this module nor
+numba. First use of one layout and dtype (forward + backward), measured on the 2-core machine:
+COMPILE_COLD cold (fresh cache), COMPILE_CACHED from the cache (of which ~0.2 s is importing
+numba and ~0.2 s numba importing SciPy's BLAS at start-up).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import math
+import threading
 
 import numpy as np
 import torch
 
 from . import _pool
-from ._numba_setup import configure, sync_threads
+from ._numba_setup import configure
 
 configure()  # the cache folder must be known before numba is imported
 
@@ -73,237 +111,354 @@ __all__ = ["backward", "eval_backward", "eval_forward", "name", "supports", "tra
 name = "numba"
 
 _CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "elu": 3}
-_FM = {"reassoc", "contract"}  # vectorisable sums; no nnan/ninf, so NaN/Inf behave like torch
-_JIT = {"cache": True, "fastmath": _FM, "nogil": True, "error_model": "numpy"}
+_FM = {"reassoc", "contract"}  # lets the sums vectorise; no nnan/ninf, so NaN/Inf behave like torch
+# elementwise loops: no re-association (the split mean must survive), fused multiply-add allowed
+_STRICT = {"cache": True, "nogil": True, "error_model": "numpy", "fastmath": {"contract"}}
+_SUMS = {**_STRICT, "fastmath": _FM}  # reductions: re-association lets them vectorise
 _SHIFT_GUARD = 1e6  # (mean − shift)² / var above this: redo the variance two-pass
+_CHUNK = 4096  # values summed in the input dtype before the partial sum joins the float64 total
+_ROWS = 16  # (M, C) layout: rows summed in the input dtype before joining the float64 totals
 
 
 # =============================================================================================
-# Kernels. Arrays: x, y, dy, dx in the input dtype; mean, var, w, b, dw, db float64 (C,).
-# `neg` is the slope of the piecewise-linear activations for z ≤ 0: identity 1, relu 0, leaky s.
+# Kernels.
+#   x, y, dy, dx      input dtype (float32 or float64), kernel shape (N, C, L) or (M, C)
+#   mean, var, w, b   float64 (C,): statistics and γ, β
+#   dw, db            float64 (C,): outputs of the backward
+#   cst               input dtype (6, C): per-channel constants the kernels fill and then use
+#                     [0] hi = mean rounded, [1] lo = mean − hi, [2] sc = γ·invstd, [3] β,
+#                     [4] q, [5] r (backward: dx = sc·dz + q·(x − mean) + r)
+#   sv                input dtype [0, 1, neg, α]: neg is the slope for z ≤ 0 of identity (1),
+#                     relu (0) and leaky_relu (slope); α is ELU's
+# Elementwise loops compute z = ((x − hi) − lo)·sc + β in the input dtype: hi is x's dtype, so
+# x − hi is exact near the mean, and the split mean keeps float32 exact when |mean| ≫ std. These
+# loops are compiled without fast-math, so the compiler cannot re-associate the split away.
 # =============================================================================================
-@nb.njit(**_JIT)
-def _neg_slope(code, slope):
-    if code == 0:
-        return 1.0
-    if code == 1:
-        return 0.0
-    return slope
+@nb.njit(**_SUMS)
+def _run_sums(run, k, zero):
+    """Σ (v − k) and Σ (v − k)² over a contiguous run (≤ _CHUNK values), summed in the input dtype."""
+    a1 = zero
+    a2 = zero
+    for j in range(run.shape[0]):
+        d = run[j] - k
+        a1 += d
+        a2 += d * d
+    return a1, a2
+
+
+@nb.njit(**_SUMS)
+def _run_m2(run, m):
+    """Σ (v − m)² in float64 (the exact second pass of the shift guard)."""
+    s = 0.0
+    for j in range(run.shape[0]):
+        d = run[j] - m
+        s += d * d
+    return s
+
+
+@nb.njit(**_SUMS)
+def _run_grad_sums(xr, dyr, yr, hi, lo, sc, b, sv, elu):
+    """g = Σ dz and h' = Σ dz·(x − hi) over a run of ≤ _CHUNK values (h' − lo·g = Σ dz·(x − mean))."""
+    zero, one, neg, alpha = sv[0], sv[1], sv[2], sv[3]
+    ag = zero
+    ah = zero
+    if elu:
+        for j in range(xr.shape[0]):
+            d = xr[j] - hi
+            z = (d - lo) * sc + b
+            dz = dyr[j] * (one if z > zero else yr[j] + alpha)
+            ag += dz
+            ah += dz * d
+    else:
+        for j in range(xr.shape[0]):
+            d = xr[j] - hi
+            z = (d - lo) * sc + b
+            dz = dyr[j] * (one if z > zero else neg)
+            ag += dz
+            ah += dz * d
+    return ag, ah
+
+
+@nb.njit(**_STRICT)
+def _finish_stats(s1, s2, n, k):
+    """mean and biased variance from shifted sums (the variance is NaN-preserving, clamped at 0)."""
+    dm = s1 / n
+    v = s2 / n - dm * dm
+    return k + dm, v
+
+
+@nb.njit(**_STRICT)
+def _set_constants(cst, c, m, v, w, b, eps):
+    """Fill cst[0..3, c] (in the input dtype) for mean m, variance v, γ w, β b; returns invstd."""
+    inv = 1.0 / math.sqrt(v + eps)
+    cst[0, c] = m
+    cst[1, c] = m - cst[0, c]
+    cst[2, c] = w * inv
+    cst[3, c] = b
+    return inv
 
 
 # --------------------------------------------------------------------------------- (N, C, L)
-@nb.njit(parallel=True, **_JIT)
-def _forward_ncl(x, y, mean, var, w, b, eps, train, code, slope):
-    """Train (``train``: statistics into mean/var first) or eval forward, one channel per thread."""
-    N, C, L = x.shape
-    n = N * L
-    neg = _neg_slope(code, slope)
-    for c in nb.prange(C):
+# One call handles the channels [c0, c1); threads get disjoint channel ranges (see _parallel).
+@nb.njit(**_STRICT)
+def _forward_ncl(x, y, mean, var, w, b, eps, train, elu, cst, sv, c0, c1):
+    """Train (``train``: statistics into mean/var first) or eval forward of channels [c0, c1)."""
+    N, _, L = x.shape
+    zero, neg, alpha = sv[0], sv[2], sv[3]
+    for c in range(c0, c1):
         if train:
-            k = np.float64(x[0, c, 0])  # the shift (see module docstring)
+            k = x[0, c, 0]  # the shift (see module docstring)
             s1 = 0.0
             s2 = 0.0
             for i in range(N):
-                for j in range(L):
-                    d = x[i, c, j] - k
-                    s1 += d
-                    s2 += d * d
-            dm = s1 / n
-            m = k + dm
-            v = s2 / n - dm * dm
-            if dm * dm > _SHIFT_GUARD * v:  # far-out shift: exact two-pass variance
+                for j0 in range(0, L, _CHUNK):  # (sub-runs bound the rounding of the dtype sums)
+                    a1, a2 = _run_sums(x[i, c, j0:j0 + _CHUNK], k, zero)
+                    s1 += a1
+                    s2 += a2
+            m, v = _finish_stats(s1, s2, N * L, k)
+            if (m - k) * (m - k) > _SHIFT_GUARD * v:  # far-out shift: exact two-pass variance
                 s2 = 0.0
                 for i in range(N):
-                    for j in range(L):
-                        d = x[i, c, j] - m
-                        s2 += d * d
-                v = s2 / n
+                    s2 += _run_m2(x[i, c], m)
+                v = s2 / (N * L)
             if v < 0.0:  # (NaN stays NaN)
                 v = 0.0
             mean[c] = m
             var[c] = v
-        m = mean[c]
-        inv = 1.0 / math.sqrt(var[c] + eps)
-        sc = w[c] * inv
-        bc = b[c]
-        if code == 3:
-            for i in range(N):
+        _set_constants(cst, c, mean[c], var[c], w[c], b[c], eps)
+        hi, lo, sc, bc = cst[0, c], cst[1, c], cst[2, c], cst[3, c]
+        for i in range(N):
+            if elu:
                 for j in range(L):
-                    z = (x[i, c, j] - m) * sc + bc
-                    y[i, c, j] = z if z > 0.0 else slope * math.expm1(z)
-        else:
-            for i in range(N):
-                for j in range(L):
-                    z = (x[i, c, j] - m) * sc + bc
-                    y[i, c, j] = z if z > 0.0 else z * neg
-
-
-@nb.njit(parallel=True, **_JIT)
-def _backward_ncl(x, dy, y, dx, mean, var, w, b, eps, train, sums, code, slope, dw, db):
-    """Backward, one channel per thread: pass 1 g, h (if ``sums``); pass 2 dx.
-
-    ``train``: dx = sc·dz − sc·g/n − (x − μ)·sc·invstd²·h/n (batch statistics depend on x);
-    eval: dx = sc·dz. ``y`` is read only for ELU (act' = y + α).
-    """
-    N, C, L = x.shape
-    n = N * L
-    neg = _neg_slope(code, slope)
-    for c in nb.prange(C):
-        m = mean[c]
-        inv = 1.0 / math.sqrt(var[c] + eps)
-        sc = w[c] * inv
-        bc = b[c]
-        g = 0.0
-        hs = 0.0  # Σ dz · (x − μ);  h = invstd · hs
-        if sums:
-            if code == 3:
-                for i in range(N):
-                    for j in range(L):
-                        d = x[i, c, j] - m
-                        z = d * sc + bc
-                        dz = dy[i, c, j] * (1.0 if z > 0.0 else y[i, c, j] + slope)
-                        g += dz
-                        hs += dz * d
+                    z = ((x[i, c, j] - hi) - lo) * sc + bc
+                    y[i, c, j] = z if z > zero else alpha * math.expm1(z)
             else:
-                for i in range(N):
-                    for j in range(L):
-                        d = x[i, c, j] - m
-                        z = d * sc + bc
-                        dz = dy[i, c, j] * (1.0 if z > 0.0 else neg)
-                        g += dz
-                        hs += dz * d
+                for j in range(L):
+                    z = ((x[i, c, j] - hi) - lo) * sc + bc
+                    y[i, c, j] = z if z > zero else z * neg
+
+
+@nb.njit(**_STRICT)
+def _backward_ncl(x, dy, y, dx, mean, var, w, b, eps, train, sums, elu, cst, sv, dw, db, c0, c1):
+    """Backward of channels [c0, c1): pass 1 g, h (if ``sums``); pass 2 dx.
+
+    train: dx = sc·dz − sc·g/n − (x − μ)·sc·invstd²·h'/n, where h' = Σ dz·(x − μ) (the batch
+    statistics depend on x); eval: dx = sc·dz. ``y`` is read only for ELU (act' = y + α).
+    """
+    N, _, L = x.shape
+    n = N * L
+    zero, one, neg, alpha = sv[0], sv[1], sv[2], sv[3]
+    for c in range(c0, c1):
+        inv = _set_constants(cst, c, mean[c], var[c], w[c], b[c], eps)
+        hi, lo, sc, bc = cst[0, c], cst[1, c], cst[2, c], cst[3, c]
+        g = 0.0
+        hs = 0.0
+        if sums:
+            for i in range(N):
+                for j0 in range(0, L, _CHUNK):
+                    e = j0 + _CHUNK
+                    gj, hj = _run_grad_sums(x[i, c, j0:e], dy[i, c, j0:e], y[i, c, j0:e], hi, lo, sc, bc, sv,
+                                            elu)
+                    g += gj
+                    hs += hj
+            hs -= cst[1, c] * g  # Σ dz·(x − hi) − lo·Σ dz = Σ dz·(x − mean)
         dw[c] = hs * inv
         db[c] = g
-        q = -sc * inv * inv * hs / n if train else 0.0
-        r = -sc * g / n if train else 0.0
-        if code == 3:
-            for i in range(N):
+        sc64 = w[c] * inv
+        cst[4, c] = -sc64 * inv * inv * hs / n if train else 0.0
+        cst[5, c] = -sc64 * g / n if train else 0.0
+        q, r = cst[4, c], cst[5, c]
+        for i in range(N):
+            if elu:
                 for j in range(L):
-                    d = x[i, c, j] - m
+                    d = (x[i, c, j] - hi) - lo
                     z = d * sc + bc
-                    dz = dy[i, c, j] * (1.0 if z > 0.0 else y[i, c, j] + slope)
+                    dz = dy[i, c, j] * (one if z > zero else y[i, c, j] + alpha)
                     dx[i, c, j] = sc * dz + q * d + r
-        else:
-            for i in range(N):
+            else:
                 for j in range(L):
-                    d = x[i, c, j] - m
+                    d = (x[i, c, j] - hi) - lo
                     z = d * sc + bc
-                    dz = dy[i, c, j] * (1.0 if z > 0.0 else neg)
+                    dz = dy[i, c, j] * (one if z > zero else neg)
                     dx[i, c, j] = sc * dz + q * d + r
 
 
 # ------------------------------------------------------------------------------------ (M, C)
-@nb.njit(parallel=True, **_JIT)
-def _forward_mc(x, y, mean, var, w, b, eps, train, code, slope, nblk):
-    """Train or eval forward over rows; block t of rows is [t·M/nblk, (t+1)·M/nblk)."""
+# One call handles the rows [r0, r1); threads get disjoint row blocks. Every loop runs over
+# channels innermost, so the per-channel sums vectorise across channels with no re-association.
+@nb.njit(**_STRICT)
+def _sums_mc(x, k, p1, p2, sv, r0, r1):
+    """Shifted sums of rows [r0, r1) into the float64 vectors p1, p2 (blocks of _ROWS rows in x's dtype)."""
+    C = x.shape[1]
+    zero = sv[0]
+    a1 = np.empty(C, dtype=x.dtype)
+    a2 = np.empty(C, dtype=x.dtype)
+    for i0 in range(r0, r1, _ROWS):
+        for c in range(C):
+            a1[c] = zero
+            a2[c] = zero
+        for i in range(i0, min(i0 + _ROWS, r1)):
+            for c in range(C):
+                d = x[i, c] - k[c]
+                a1[c] += d
+                a2[c] += d * d
+        for c in range(C):
+            p1[c] += a1[c]
+            p2[c] += a2[c]
+
+
+@nb.njit(**_STRICT)
+def _stats_mc(x, k, p1, p2, mean, var):
+    """Merge the blocks' shifted sums (same shift everywhere: a plain sum) into mean and variance."""
     M, C = x.shape
-    neg = _neg_slope(code, slope)
-    if train:
-        k = np.empty(C)  # shift: the first row
-        for c in range(C):
-            k[c] = x[0, c]
-        p1 = np.zeros((nblk, C))
-        p2 = np.zeros((nblk, C))
-        for t in nb.prange(nblk):
-            a1 = p1[t]
-            a2 = p2[t]
-            for i in range(t * M // nblk, (t + 1) * M // nblk):
-                for c in range(C):
-                    d = x[i, c] - k[c]
-                    a1[c] += d
-                    a2[c] += d * d
-        for c in range(C):
-            s1 = 0.0
-            s2 = 0.0
-            for t in range(nblk):
-                s1 += p1[t, c]
-                s2 += p2[t, c]
-            dm = s1 / M
-            m = k[c] + dm
-            v = s2 / M - dm * dm
-            if dm * dm > _SHIFT_GUARD * v:  # far-out shift: exact two-pass variance (rare)
-                s2 = 0.0
-                for i in range(M):
-                    d = x[i, c] - m
-                    s2 += d * d
-                v = s2 / M
-            if v < 0.0:
-                v = 0.0
-            mean[c] = m
-            var[c] = v
-    sc = np.empty(C)
     for c in range(C):
-        sc[c] = w[c] * (1.0 / math.sqrt(var[c] + eps))
-    for t in nb.prange(nblk):
-        for i in range(t * M // nblk, (t + 1) * M // nblk):
-            if code == 3:
+        s1 = 0.0
+        s2 = 0.0
+        for t in range(p1.shape[0]):
+            s1 += p1[t, c]
+            s2 += p2[t, c]
+        kc = np.float64(k[c])
+        m, v = _finish_stats(s1, s2, M, kc)
+        if (m - kc) * (m - kc) > _SHIFT_GUARD * v:  # far-out shift: exact two-pass variance (rare)
+            s2 = 0.0
+            for i in range(M):
+                d = x[i, c] - m
+                s2 += d * d
+            v = s2 / M
+        if v < 0.0:
+            v = 0.0
+        mean[c] = m
+        var[c] = v
+
+
+@nb.njit(**_STRICT)
+def _constants_mc(mean, var, w, b, eps, cst, inv):
+    for c in range(mean.shape[0]):
+        inv[c] = _set_constants(cst, c, mean[c], var[c], w[c], b[c], eps)
+
+
+@nb.njit(**_STRICT)
+def _apply_mc(x, y, elu, cst, sv, r0, r1):
+    """y = act(((x − hi) − lo)·sc + β) for rows [r0, r1)."""
+    C = x.shape[1]
+    zero, neg, alpha = sv[0], sv[2], sv[3]
+    hi, lo, sc, bb = cst[0], cst[1], cst[2], cst[3]
+    for i in range(r0, r1):
+        if elu:
+            for c in range(C):
+                z = ((x[i, c] - hi[c]) - lo[c]) * sc[c] + bb[c]
+                y[i, c] = z if z > zero else alpha * math.expm1(z)
+        else:
+            for c in range(C):
+                z = ((x[i, c] - hi[c]) - lo[c]) * sc[c] + bb[c]
+                y[i, c] = z if z > zero else z * neg
+
+
+@nb.njit(**_STRICT)
+def _grad_sums_mc(x, dy, y, elu, cst, sv, pg, ph, r0, r1):
+    """g = Σ dz and h' = Σ dz·(x − hi) of rows [r0, r1) into the float64 vectors pg, ph."""
+    C = x.shape[1]
+    zero, one, neg, alpha = sv[0], sv[1], sv[2], sv[3]
+    hi, lo, sc, bb = cst[0], cst[1], cst[2], cst[3]
+    ag = np.empty(C, dtype=x.dtype)
+    ah = np.empty(C, dtype=x.dtype)
+    for i0 in range(r0, r1, _ROWS):
+        for c in range(C):
+            ag[c] = zero
+            ah[c] = zero
+        for i in range(i0, min(i0 + _ROWS, r1)):
+            if elu:
                 for c in range(C):
-                    z = (x[i, c] - mean[c]) * sc[c] + b[c]
-                    y[i, c] = z if z > 0.0 else slope * math.expm1(z)
+                    d = x[i, c] - hi[c]
+                    z = (d - lo[c]) * sc[c] + bb[c]
+                    dz = dy[i, c] * (one if z > zero else y[i, c] + alpha)
+                    ag[c] += dz
+                    ah[c] += dz * d
             else:
                 for c in range(C):
-                    z = (x[i, c] - mean[c]) * sc[c] + b[c]
-                    y[i, c] = z if z > 0.0 else z * neg
+                    d = x[i, c] - hi[c]
+                    z = (d - lo[c]) * sc[c] + bb[c]
+                    dz = dy[i, c] * (one if z > zero else neg)
+                    ag[c] += dz
+                    ah[c] += dz * d
+        for c in range(C):
+            pg[c] += ag[c]
+            ph[c] += ah[c]
 
 
-@nb.njit(parallel=True, **_JIT)
-def _backward_mc(x, dy, y, dx, mean, var, w, b, eps, train, sums, code, slope, dw, db, nblk):
-    """Backward over rows: per-block partial g, h vectors, summed; then dx (see _backward_ncl)."""
-    M, C = x.shape
-    neg = _neg_slope(code, slope)
-    inv = np.empty(C)
-    sc = np.empty(C)
-    for c in range(C):
-        inv[c] = 1.0 / math.sqrt(var[c] + eps)
-        sc[c] = w[c] * inv[c]
-    pg = np.zeros((nblk, C))
-    ph = np.zeros((nblk, C))
-    if sums:
-        for t in nb.prange(nblk):
-            ag = pg[t]
-            ah = ph[t]
-            for i in range(t * M // nblk, (t + 1) * M // nblk):
-                if code == 3:
-                    for c in range(C):
-                        d = x[i, c] - mean[c]
-                        z = d * sc[c] + b[c]
-                        dz = dy[i, c] * (1.0 if z > 0.0 else y[i, c] + slope)
-                        ag[c] += dz
-                        ah[c] += dz * d
-                else:
-                    for c in range(C):
-                        d = x[i, c] - mean[c]
-                        z = d * sc[c] + b[c]
-                        dz = dy[i, c] * (1.0 if z > 0.0 else neg)
-                        ag[c] += dz
-                        ah[c] += dz * d
-    q = np.zeros(C)
-    r = np.zeros(C)
-    for c in range(C):
+@nb.njit(**_STRICT)
+def _grad_coefs_mc(pg, ph, w, inv, M, train, cst, dw, db):
+    """Merge the blocks' g, h' and set q, r (cst[4], cst[5]) of dx = sc·dz + q·(x − μ) + r."""
+    for c in range(w.shape[0]):
         g = 0.0
         hs = 0.0
-        for t in range(nblk):
+        for t in range(pg.shape[0]):
             g += pg[t, c]
             hs += ph[t, c]
+        hs -= cst[1, c] * g  # Σ dz·(x − hi) − lo·Σ dz = Σ dz·(x − mean)
         dw[c] = hs * inv[c]
         db[c] = g
-        if train:
-            q[c] = -sc[c] * inv[c] * inv[c] * hs / M
-            r[c] = -sc[c] * g / M
-    for t in nb.prange(nblk):
-        for i in range(t * M // nblk, (t + 1) * M // nblk):
-            if code == 3:
-                for c in range(C):
-                    d = x[i, c] - mean[c]
-                    z = d * sc[c] + b[c]
-                    dz = dy[i, c] * (1.0 if z > 0.0 else y[i, c] + slope)
-                    dx[i, c] = sc[c] * dz + q[c] * d + r[c]
-            else:
-                for c in range(C):
-                    d = x[i, c] - mean[c]
-                    z = d * sc[c] + b[c]
-                    dz = dy[i, c] * (1.0 if z > 0.0 else neg)
-                    dx[i, c] = sc[c] * dz + q[c] * d + r[c]
+        sc64 = w[c] * inv[c]
+        cst[4, c] = -sc64 * inv[c] * inv[c] * hs / M if train else 0.0
+        cst[5, c] = -sc64 * g / M if train else 0.0
+
+
+@nb.njit(**_STRICT)
+def _dx_mc(x, dy, y, dx, elu, cst, sv, r0, r1):
+    """dx = sc·dz + q·(x − μ) + r for rows [r0, r1)."""
+    C = x.shape[1]
+    zero, one, neg, alpha = sv[0], sv[1], sv[2], sv[3]
+    hi, lo, sc, bb, q, r = cst[0], cst[1], cst[2], cst[3], cst[4], cst[5]
+    for i in range(r0, r1):
+        if elu:
+            for c in range(C):
+                d = (x[i, c] - hi[c]) - lo[c]
+                z = d * sc[c] + bb[c]
+                dz = dy[i, c] * (one if z > zero else y[i, c] + alpha)
+                dx[i, c] = sc[c] * dz + q[c] * d + r[c]
+        else:
+            for c in range(C):
+                d = (x[i, c] - hi[c]) - lo[c]
+                z = d * sc[c] + bb[c]
+                dz = dy[i, c] * (one if z > zero else neg)
+                dx[i, c] = sc[c] * dz + q[c] * d + r[c]
+
+
+# =============================================================================================
+# Threads: the kernels are compiled with nogil=True; a call is split into disjoint channel ranges
+# ((N, C, L)) or row blocks ((M, C)) that run on a small thread pool, one part on the calling
+# thread. (numba's own parallel=True/prange would do the same but takes ~3× longer to compile.)
+# =============================================================================================
+_MIN_PER_THREAD = 1 << 15  # elements: below this a second thread costs more than it saves
+_executor: concurrent.futures.ThreadPoolExecutor | None = None
+_executor_lock = threading.Lock()
+
+
+def _threads(numel: int, parts: int) -> int:
+    return max(1, min(torch.get_num_threads(), parts, numel // _MIN_PER_THREAD))
+
+
+def _split(total: int, n: int) -> list[tuple[int, int]]:
+    """``n`` balanced ranges [lo, hi) covering ``range(total)``."""
+    return [(t * total // n, (t + 1) * total // n) for t in range(n)]
+
+
+def _parallel(fn, parts: list[tuple]) -> None:
+    """``fn(*args)`` for every tuple in ``parts``, concurrently: the first on the calling thread."""
+    if len(parts) == 1:
+        fn(*parts[0])
+        return
+    global _executor
+    with _executor_lock:
+        if _executor is None or _executor._max_workers < len(parts) - 1:
+            _executor = concurrent.futures.ThreadPoolExecutor(max_workers=len(parts) - 1,
+                                                              thread_name_prefix="batchnorm")
+        futures = [_executor.submit(fn, *args) for args in parts[1:]]
+    try:
+        fn(*parts[0])
+    finally:
+        for f in futures:
+            f.result()
 
 
 # =============================================================================================
@@ -356,8 +511,10 @@ def _vec(t: torch.Tensor | None, c: int, fill: float) -> np.ndarray:
     return t.detach().to(torch.float64).reshape(c).numpy()
 
 
-def _nblk(m: int) -> int:
-    return max(1, min(m, 4 * nb.get_num_threads()))
+def _consts(dtype, c: int, act: str, slope: float) -> tuple[np.ndarray, np.ndarray, bool]:
+    """The kernels' per-channel constant table and scalar vector (in the input dtype), and the ELU flag."""
+    neg = {"identity": 1.0, "relu": 0.0, "leaky_relu": slope, "elu": 0.0}[act]
+    return np.empty((6, c), dtype=dtype), np.array([0.0, 1.0, neg, slope], dtype=dtype), act == "elu"
 
 
 def supports(x: torch.Tensor, channel_axis: int, act: str) -> bool:
@@ -374,15 +531,24 @@ def supports(x: torch.Tensor, channel_axis: int, act: str) -> bool:
 def _forward(x, mean_np, var_np, weight, bias, eps, axis, act, slope, train):
     plan = _plan(x, axis)
     c = x.shape[axis]
-    sync_threads()
     y = _empty_like(x)
     xa, ya = _np(x, plan), _np(y, plan)
     w, b = _vec(weight, c, 1.0), _vec(bias, c, 0.0)
-    code = _CODES[act]
+    cst, sv, elu = _consts(xa.dtype, c, act, slope)
+    eps = float(eps)
     if plan[0] == "ncl":
-        _forward_ncl(xa, ya, mean_np, var_np, w, b, float(eps), train, code, float(slope))
-    else:
-        _forward_mc(xa, ya, mean_np, var_np, w, b, float(eps), train, code, float(slope), _nblk(xa.shape[0]))
+        parts = _split(c, _threads(xa.size, c))
+        _parallel(_forward_ncl, [(xa, ya, mean_np, var_np, w, b, eps, train, elu, cst, sv, lo, hi)
+                                 for lo, hi in parts])
+        return y
+    parts = _split(xa.shape[0], _threads(xa.size, xa.shape[0]))
+    if train:
+        k = xa[0].copy()
+        p1, p2 = np.zeros((len(parts), c)), np.zeros((len(parts), c))
+        _parallel(_sums_mc, [(xa, k, p1[t], p2[t], sv, lo, hi) for t, (lo, hi) in enumerate(parts)])
+        _stats_mc(xa, k, p1, p2, mean_np, var_np)
+    _constants_mc(mean_np, var_np, w, b, eps, cst, np.empty(c))
+    _parallel(_apply_mc, [(xa, ya, elu, cst, sv, lo, hi) for lo, hi in parts])
     return y
 
 
@@ -405,10 +571,8 @@ def eval_forward(x, mean, var, weight, bias, eps, channel_axis, act, slope):
 def _backward(dy, x, y, weight, bias, mean, var, eps, axis, act, slope, train):
     plan = _plan(x, axis)
     c = x.shape[axis]
-    sync_threads()
     dy = _like(dy, x, plan)
-    code = _CODES[act]
-    if code == 3:
+    if act == "elu":
         if y is None:  # ELU's derivative is read from its output; recompute it if not given
             y = eval_forward(x, mean, var, weight, bias, eps, axis, act, slope)
         y = _like(y, x, plan)
@@ -421,11 +585,23 @@ def _backward(dy, x, y, weight, bias, mean, var, eps, axis, act, slope, train):
     dw = np.empty(c)
     db = np.empty(c)
     sums = train or weight is not None or bias is not None
+    cst, sv, elu = _consts(xa.dtype, c, act, slope)
+    eps = float(eps)
     if plan[0] == "ncl":
-        _backward_ncl(xa, dya, ya, dxa, m, v, w, b, float(eps), train, sums, code, float(slope), dw, db)
+        parts = _split(c, _threads(xa.size, c))
+        args = (xa, dya, ya, dxa, m, v, w, b, eps, train, sums, elu, cst, sv, dw, db)
+        _parallel(_backward_ncl, [(*args, lo, hi) for lo, hi in parts])
     else:
-        _backward_mc(xa, dya, ya, dxa, m, v, w, b, float(eps), train, sums, code, float(slope), dw, db,
-                     _nblk(xa.shape[0]))
+        rows = xa.shape[0]
+        parts = _split(rows, _threads(xa.size, rows))
+        inv = np.empty(c)
+        _constants_mc(m, v, w, b, eps, cst, inv)
+        pg, ph = np.zeros((len(parts), c)), np.zeros((len(parts), c))
+        if sums:
+            _parallel(_grad_sums_mc, [(xa, dya, ya, elu, cst, sv, pg[t], ph[t], lo, hi)
+                                      for t, (lo, hi) in enumerate(parts)])
+        _grad_coefs_mc(pg, ph, w, inv, rows, train, cst, dw, db)
+        _parallel(_dx_mc, [(xa, dya, ya, dxa, elu, cst, sv, lo, hi) for lo, hi in parts])
     dweight = None if weight is None else torch.from_numpy(dw).to(weight.dtype)
     dbias = None if bias is None else torch.from_numpy(db).to(bias.dtype)
     return dx, dweight, dbias
