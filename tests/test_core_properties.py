@@ -240,12 +240,20 @@ def test_float32_parity_with_torch_nn(data, affine, momentum, memory_format):
     yo, yt = ours(xo), theirs(xt)
     yo.backward(dy)
     yt.backward(dy)
+    # float32 conditioning: x̂ carries ~ε₃₂·|x|/σ relative error, and dx is a cancelling sum of terms of
+    # size invstd·|dy| (for n = 2 it is exactly 0 up to ε/σ²). Both implementations are within that of
+    # the exact result, so they are within twice that of each other.
+    _, bv = R.moments(np64(x))
+    invstd = 1.0 / np.sqrt(bv + ours.eps)
+    cond = 1.0 + float(np.abs(np64(x)).max()) * invstd.max()
+    e32 = float(np.finfo(np.float32).eps)
+    extra = {"y": 8 * e32 * cond, "dx": 8 * e32 * cond * invstd.max() * float(dy.abs().max())}
     for what, a, b in (("y", yo, yt), ("dx", xo.grad, xt.grad), ("running_mean", ours.running_mean,
                                                                    theirs.running_mean),
                        ("running_var", ours.running_var, theirs.running_var)):
         b = b.detach()
         scale = max(1.0, float(b.abs().max()))
-        assert_close(a, b, rtol=1e-4, atol=5e-5 * scale, what=what)
+        assert_close(a, b, rtol=1e-4, atol=5e-5 * scale + extra.get(what, 0.0), what=what)
     assert int(ours.num_batches_tracked) == int(theirs.num_batches_tracked)
 
 
