@@ -312,3 +312,33 @@ def test_import_is_light_and_env_var_forces_the_backend(tmp_path):
     env = {**os.environ, "BATCHNORM_BACKEND": "torch"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["torch", "torch"]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX-only")
+def test_thread_pool_works_in_a_forked_child():
+    """A DataLoader-style fork after the pool started must not hang the child's next kernel call."""
+    import time
+
+    x = torch.randn(16, 8, 32, 32)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        ref = cpu.train_forward(x, None, None, 1e-5, 1, "relu", 0.0)[0]  # starts the pool here
+        pid = os.fork()
+        if pid == 0:  # child: same call, must finish with the same result (compared with numpy: torch's
+            # own OpenMP pool is not usable after a fork, which is why DataLoader workers use 1 thread)
+            y = cpu.train_forward(x, None, None, 1e-5, 1, "relu", 0.0)[0]
+            os._exit(0 if np.array_equal(y.numpy(), ref.numpy()) else 1)
+        deadline = time.monotonic() + 20
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                raise AssertionError("the forked child hung in a kernel call")
+            time.sleep(0.05)
+        assert os.waitstatus_to_exitcode(status) == 0, "the forked child computed a different result"
+    finally:
+        torch.set_num_threads(old)

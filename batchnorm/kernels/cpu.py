@@ -94,6 +94,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import math
+import os
 import threading
 
 import numpy as np
@@ -427,11 +428,22 @@ def _dx_mc(x, dy, y, dx, elu, cst, sv, r0, r1):
 # =============================================================================================
 # Threads: the kernels are compiled with nogil=True; a call is split into disjoint channel ranges
 # ((N, C, L)) or row blocks ((M, C)) that run on a small thread pool, one part on the calling
-# thread. (numba's own parallel=True/prange would do the same but takes ~3× longer to compile.)
+# thread. (numba's own parallel=True/prange would do the same but takes 2-3x longer to compile.)
 # =============================================================================================
 _MIN_PER_THREAD = 1 << 15  # elements: below this a second thread costs more than it saves
 _executor: concurrent.futures.ThreadPoolExecutor | None = None
+_executor_size = 0
 _executor_lock = threading.Lock()
+
+
+def _forget_executor() -> None:
+    """In a forked child the pool's threads do not exist: start a new pool there when needed."""
+    global _executor, _executor_size
+    _executor, _executor_size = None, 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_executor)
 
 
 def _threads(numel: int, parts: int) -> int:
@@ -448,10 +460,13 @@ def _parallel(fn, parts: list[tuple]) -> None:
     if len(parts) == 1:
         fn(*parts[0])
         return
-    global _executor
+    global _executor, _executor_size
     with _executor_lock:
-        if _executor is None or _executor._max_workers < len(parts) - 1:
-            _executor = concurrent.futures.ThreadPoolExecutor(max_workers=len(parts) - 1,
+        if _executor is None or _executor_size < len(parts) - 1:
+            if _executor is not None:
+                _executor.shutdown(wait=False)
+            _executor_size = len(parts) - 1
+            _executor = concurrent.futures.ThreadPoolExecutor(max_workers=_executor_size,
                                                               thread_name_prefix="batchnorm")
         futures = [_executor.submit(fn, *args) for args in parts[1:]]
     try:
