@@ -30,7 +30,7 @@ passes (numba compile or cache load) is reported separately, never mixed into th
 
 Usage::
 
-    batchnorm bench                  # full table (about two minutes on 2 cores)
+    batchnorm bench                  # full table (one to two minutes on 2 cores)
     batchnorm bench --quick          # tiny shapes, 3 runs: a smoke test, no meaningful times
     batchnorm bench --json out.json  # also write every figure to a JSON file
     batchnorm bench --alloc          # the allocation measurement

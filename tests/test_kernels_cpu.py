@@ -342,3 +342,17 @@ def test_thread_pool_works_in_a_forked_child():
         assert os.waitstatus_to_exitcode(status) == 0, "the forked child computed a different result"
     finally:
         torch.set_num_threads(old)
+
+
+def test_expanded_and_foreign_layout_gradients_are_made_dense_first():
+    """dy from y.sum() has zero strides; dy in the other memory format: both give the oracle's dx."""
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(4, 3, 5, 5).contiguous(memory_format=fmt)
+        y, mean, var = cpu.train_forward(x, None, None, 1e-5, 1, "relu", 0.0)
+        other = torch.channels_last if fmt == torch.contiguous_format else torch.contiguous_format
+        for dy in (torch.ones(()).expand(x.shape), torch.randn(x.shape).contiguous(memory_format=other)):
+            dx = cpu.backward(dy, x, y, None, None, mean, var, 1e-5, 1, "relu", 0.0)[0]
+            ref = R.backward(_np(dy), _np(x), None, None, 1e-5, 1, "relu")[0]
+            assert_close(dx, ref, rtol=2e-6, atol=2e-6 * np.abs(ref).max(), what="dx")
+    sigs = cpu._backward_ncl.signatures + cpu._dx_mc.signatures
+    assert all(a.layout == "C" for sig in sigs for a in sig if hasattr(a, "layout")), "a strided compile"

@@ -62,32 +62,41 @@ one on the calling thread (inputs under 64 Ki values run on one thread). Against
 compiled gufunc) and runs no OpenMP pool beside torch's; a channel is never split, so results do
 not depend on the thread count in the ``(N, C, L)`` layout.
 
-Allocation (measured with ``batchnorm bench --alloc``, 2-core machine, 128×64×56×56 float32,
-103 MB, medians; the machine was shared, so the ratios matter):
+Allocation, measured for a 128×64×56×56 float32 output (103 MB) on 2 cores (medians, ms). Quiet
+machine (``taskset -c 0,1``, same CPU family); "tuned" = ``mallopt(M_MMAP_MAX=0,
+M_TRIM_THRESHOLD=1 GiB)`` before any allocation:
 
-    copy_ into a preallocated tensor                  ALLOC_COPY ms
-    torch.empty_like + copy_ (fresh pages)            ALLOC_FRESH ms   page faults ≈ the copy again
-    our reuse pool + copy_                            ALLOC_POOL ms
-    our train fwd+relu, torch.empty_like outputs      ALLOC_OURS_EMPTY ms
-    our train fwd+relu, pool outputs (the choice)     ALLOC_OURS_POOL ms
-    our train fwd+relu into one preallocated buffer   ALLOC_OURS_PRE ms
+                                        glibc default   tuned
+    copy_ into a preallocated tensor          8.6         9.5
+    x.clone() (fresh pages)                  33.8         9.6
+    native relu(batch_norm) fwd+bwd         172.8        80.8
+
+and on the shared 2-core machine (``batchnorm bench --alloc``; contended, compare within the list):
+
+    copy_ into a preallocated tensor             23.9
+    torch.empty_like + copy_ (fresh pages)       54.2
+    our pool's empty_like + copy_                24.0
+    our train fwd+relu, torch.empty_like outputs 63.1
+    our train fwd+relu, pool outputs (default)   25.0
+    our train fwd+relu into one reused buffer    24.7
 
 A tensor above glibc's mmap threshold (≤ 32 MiB) is a fresh ``mmap``: every 4 KiB page faults and
 is zero-filled on first write. Choice: outputs (y, dx) come from :mod:`batchnorm.kernels._pool`,
 which hands a buffer out again only when nothing else references it (autograd-safe by
 construction), so a training loop writes into warm pages; it is as fast as a preallocated buffer.
-Rejected: glibc tuning with ``mallopt(M_MMAP_MAX=0, M_TRIM_THRESHOLD=…)`` also removes the faults
-(``empty_like + copy_`` at the copy's speed) but changes the allocator of the whole process —
-never returning memory to the OS — which a library must not do behind a user's back (and ``mallopt``
-is glibc-only); writing outputs in place of a temporary is unsafe when the caller still holds it.
+Rejected: the glibc tuning also removes the faults (and halves native BN's time) but changes the
+allocator of the whole process — freed memory is never returned to the OS — which a library must
+not do behind a user's back (and ``mallopt`` is glibc-only; ``batchnorm bench --alloc`` shows its
+effect); writing outputs in place of a temporary is unsafe while the caller still holds it.
 Saved tensors: the training op saves x, γ, β, the per-channel mean and variance (C values each)
 and y only for ELU — nothing of the input's size is allocated for the backward.
 
 Compilation: lazily at first use, ``cache=True``, cache folder from
 :mod:`batchnorm.kernels._numba_setup`. Importing :mod:`batchnorm` imports neither this module nor
 numba. First use of one layout and dtype (forward + backward), measured on the 2-core machine:
-COMPILE_COLD cold (fresh cache), COMPILE_CACHED from the cache (of which ~0.2 s is importing
-numba and ~0.2 s numba importing SciPy's BLAS at start-up).
+cold (fresh cache) 2.3 s for NCHW float32 (+2.2 s for the channels-last kernels when a model uses
+both); cached 0.65 s, of which 0.26 s is importing numba, 0.22 s numba importing SciPy's BLAS
+while it starts up, and 0.2 s loading the kernels; later calls pay nothing.
 """
 
 from __future__ import annotations
@@ -506,12 +515,16 @@ def _np(t: torch.Tensor, plan) -> np.ndarray:
 
 
 def _like(src: torch.Tensor, x: torch.Tensor, plan) -> torch.Tensor:
-    """``src`` in x's dtype and memory layout (a copy only if it is not already)."""
+    """``src`` in x's dtype and dense memory layout (a copy only if it is not already).
+
+    Gradients often arrive expanded (``y.sum().backward()`` gives a zero-stride dy): such a view
+    is not dense, is copied, and so never costs a separate compilation for strided arrays.
+    """
     if src.dtype == x.dtype and src.shape == x.shape:
         try:
-            _np(src, plan)
-            return src
-        except RuntimeError:
+            if _np(src, plan).flags.c_contiguous:
+                return src
+        except RuntimeError:  # not viewable in the kernel's shape
             pass
     return _empty_like(x).copy_(src)
 
