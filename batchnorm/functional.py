@@ -86,7 +86,8 @@ def moments(
     op = "batchnorm.moments"
     x = check_tensor(op, x)
     if x.numel() == 0:
-        raise ValueError(f"{op}: got an empty input of shape {tuple(x.shape)}; moments of no values are undefined")
+        raise ValueError(f"{op}: got an empty input of shape {tuple(x.shape)}; moments of no values are "
+                         f"undefined - skip the call for empty inputs")
     if axes is None:
         if x.ndim < 2:
             raise ValueError(f"{op}: default axes need an input of rank >= 2, got {x.ndim}-D; pass axes=")
@@ -141,8 +142,8 @@ def batch_norm(
         try:
             torch.broadcast_shapes(t.shape, x.shape)
         except RuntimeError:
-            raise ValueError(f"{op}: {name} of shape {tuple(t.shape)} does not broadcast against the input of "
-                             f"shape {tuple(x.shape)}; for NCHW input give it shape (C, 1, 1)") from None
+            raise ValueError(f"{op}: {name} of shape {tuple(t.shape)} does not broadcast against the input "
+                             f"of shape {tuple(x.shape)}; for NCHW input give it shape (C, 1, 1)") from None
     inv = torch.rsqrt(variance + variance_epsilon)
     if scale is not None:
         inv = inv * scale
@@ -223,7 +224,9 @@ def batch_norm_train(
     op = "batchnorm.batch_norm_train"
     x, axis = check_input(op, x, channel_axis=channel_axis, training=True)
     c = x.shape[axis]
-    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
+    channel_tensors = (("weight", weight), ("bias", bias), ("running_mean", running_mean),
+                       ("running_var", running_var))
+    for name, t in channel_tensors:
         check_channel_tensor(op, name, t, c, x=x)
     if (running_mean is None) != (running_var is None):
         raise ValueError(f"{op}: give both running_mean and running_var, or neither")
@@ -243,7 +246,8 @@ def batch_norm_train(
         if nonfinite == "raise":
             raise FloatingPointError(f"{op}: this batch's statistics contain NaN or Inf (the input holds "
                                      f"non-finite values); running statistics were left unchanged. Check "
-                                     f"the data/learning rate, or use nonfinite='skip' to ignore such batches")
+                                     f"the data/learning rate, or use nonfinite='skip' to ignore such "
+                                     f"batches")
         return y, old
     n = x.numel() // c
     return y, update_running_stats(running_mean, running_var, mean, var, n, momentum,
