@@ -158,8 +158,8 @@ class _BatchNorm(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        # Checkpoints from before num_batches_tracked existed (version < 2) load with a count of 0,
-        # exactly as torch's _NormBase does.
+        # Checkpoints from before num_batches_tracked existed (version < 2) keep the layer's current
+        # count (0 for a fresh layer), exactly as torch's _NormBase does.
         version = local_metadata.get("version", None)
         key = prefix + "num_batches_tracked"
         if (version is None or version < 2) and self.track_running_stats and key not in state_dict:

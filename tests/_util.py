@@ -21,8 +21,7 @@ def assert_close(actual, expected, *, rtol: float = 1e-10, atol: float = 1e-10, 
     if not (np.isfinite(a) == np.isfinite(e)).all() or not (a[~np.isfinite(a)] == e[~np.isfinite(e)]).all():
         raise AssertionError(f"{what}: non-finite values differ")
     fin = np.isfinite(e)
-    err = np.abs(a - e)
-    err[~fin] = 0
+    err = np.abs(np.where(fin, a, 0.0) - np.where(fin, e, 0.0))
     bound = atol + rtol * np.abs(np.where(fin, e, 0))
     bad = err > bound
     if bad.any():
