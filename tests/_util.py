@@ -13,7 +13,7 @@ def to_np(t) -> np.ndarray:
 
 
 def assert_close(actual, expected, *, rtol: float = 1e-10, atol: float = 1e-10, what: str = "") -> None:
-    """|actual - expected| <= atol + rtol*|expected| elementwise; the message gives max abs/rel error and where."""
+    """Elementwise |actual - expected| <= atol + rtol*|expected|; failures give max abs/rel error, where."""
     a, e = to_np(actual), to_np(expected)
     if a.shape != e.shape:
         raise AssertionError(f"{what}: shape {a.shape} != expected {e.shape}")
