@@ -59,7 +59,7 @@ from ._checks import (
     check_momentum,
     check_nonfinite,
 )
-from .autograd import BatchNormTrainFn
+from .autograd import train_apply
 from .functional import RunningStats, update_running_stats
 from .modules import _BatchNorm
 from .stats import merge_moments
@@ -134,7 +134,7 @@ def ghost_batch_sizes(n: int, virtual_batch_size: int, remainder: str = "error")
 def _ghost_forward(x, weight, bias, eps, axis, act, slope, g, k):
     """BN of k equal ghost batches of g samples in one op call: ``(y, means (k, C), vars (k, C))``."""
     if k == 1:
-        y, mean, var = BatchNormTrainFn.apply(x, weight, bias, eps, axis, act, slope)
+        y, mean, var = train_apply(x, weight, bias, eps, axis, act, slope)
         return y, mean[None], var[None]
     c = x.shape[axis]
     rest = x.shape[1:]
@@ -144,7 +144,7 @@ def _ghost_forward(x, weight, bias, eps, axis, act, slope, g, k):
     xm = xs.reshape(merged)
     wm = None if weight is None else weight.repeat(k)
     bm = None if bias is None else bias.repeat(k)
-    ym, mean, var = BatchNormTrainFn.apply(xm, wm, bm, eps, axis, act, slope)
+    ym, mean, var = train_apply(xm, wm, bm, eps, axis, act, slope)
     y = ym.reshape(xs.shape).movedim(axis, 0).reshape(x.shape)
     return y, mean.reshape(k, c), var.reshape(k, c)
 
