@@ -236,15 +236,13 @@ def test_float32_module_vs_reference(cls, shape, axis):
 
 def test_one_op_call_per_run_of_equal_ghost_batches(monkeypatch):
     calls = []
-    real = ghost_mod.BatchNormTrainFn
+    real = ghost_mod.train_apply
 
-    class Spy:
-        @staticmethod
-        def apply(x, *args):
-            calls.append(tuple(x.shape))
-            return real.apply(x, *args)
+    def spy(x, *args):
+        calls.append(tuple(x.shape))
+        return real(x, *args)
 
-    monkeypatch.setattr(ghost_mod, "BatchNormTrainFn", Spy)
+    monkeypatch.setattr(ghost_mod, "train_apply", spy)
     ghost_batch_norm_train(torch.randn(16, 3, 2, 2), virtual_batch_size=4)
     assert calls == [(4, 12, 2, 2)]  # 4 ghost batches of 4 as one op on (g, k·C, H, W)
     calls.clear()
