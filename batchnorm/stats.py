@@ -8,17 +8,18 @@ Numerics, in one place:
 
 * Accumulation dtype is float64 for float64 input and float32 for everything else (float16 and
   bfloat16 are upcast before any sum), see :func:`acc_dtype`.
-* The per-tensor variance is **two-pass**: first the mean, then the mean of squared deviations
-  from it. Unlike the one-pass ``E[x²] - E[x]²`` it does not cancel catastrophically when
-  ``|mean| ≫ std`` (float32 data of mean 1e4 and std 1 keeps ~1e-6 relative accuracy).
+* The per-tensor variance is **two-pass** (corrected): first the mean, then the mean of squared
+  deviations from it, minus the square of the deviations' mean (the first mean's rounding
+  error). Unlike the one-pass ``E[x²] - E[x]²`` it does not cancel catastrophically when
+  ``|mean| ≫ std`` (float32 data of mean 1e4 and std 1 keeps ~1e-7 relative accuracy).
 * Partial moments are merged with Chan et al.'s parallel formula (exact, count-weighted)::
 
       n = Σ nᵢ,   μ = Σ nᵢ μᵢ / n,   M2 = Σ M2ᵢ + Σ nᵢ (μᵢ − μ)²
 
   Parts with ``nᵢ = 0`` contribute nothing, so empty ranks and empty batches are fine.
-* The variance is clamped at 0. A two-pass M2 is a sum of squares and cannot go negative, but
-  variances that arrive from elsewhere (kernels' one-sweep forms, user-supplied moments) may be
-  a rounding error below 0; ``sqrt(var + ε)`` must never see that.
+* The variance is clamped at 0: the correction ``− r²`` and the variances that arrive from
+  elsewhere (kernels' one-sweep forms, user-supplied moments) may leave it a rounding error
+  below 0 for a constant channel; ``sqrt(var + ε)`` must never see that.
 """
 
 from __future__ import annotations
@@ -69,17 +70,22 @@ class Moments(NamedTuple):
 
 
 def batch_moments(x: torch.Tensor, channel_axis: int = 1) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Per-channel ``(mean, biased_var, n)`` of ``x`` in the accumulation dtype, two-pass.
+    """Per-channel ``(mean, biased_var, n)`` of ``x`` in the accumulation dtype, corrected two-pass.
 
-    ``n`` is the number of values per channel (``x.numel() // C``).
+    ``m = mean(x)``, ``d = x − m``, ``r = mean(d)``; returns ``m + r`` and ``mean(d²) − r²``
+    (Chan, Golub & LeVeque's corrected two-pass algorithm). In exact arithmetic ``r = 0``; in
+    float32 it is the rounding error of the first mean, and adding it back makes the mean exact to
+    rounding even when ``|mean| ≫ std`` (e.g. data of mean 1e4 and std 1). ``n`` is the number of
+    values per channel (``x.numel() // C``).
     """
     dims = reduce_dims(x.ndim, channel_axis)
     xa = x if x.dtype == acc_dtype(x.dtype) else x.to(acc_dtype(x.dtype))
     mean = xa.mean(dim=dims, keepdim=True)
     centred = xa - mean
-    var = (centred * centred).mean(dim=dims)
+    resid = centred.mean(dim=dims, keepdim=True)
+    var = (centred * centred).mean(dim=dims) - (resid * resid).reshape(-1)
     n = x.numel() // max(x.shape[channel_axis], 1)
-    return mean.reshape(-1), var.clamp_min_(0), n
+    return (mean + resid).reshape(-1), var.clamp_min(0), n
 
 
 def merge_moments(counts: torch.Tensor, means: torch.Tensor, m2s: torch.Tensor) -> Moments:
