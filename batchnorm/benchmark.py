@@ -367,7 +367,15 @@ def _alloc(shape: tuple[int, ...], reps: int) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``batchnorm bench``; returns the process exit code."""
-    p = argparse.ArgumentParser(prog="batchnorm bench", description=__doc__.split("\n")[0])
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--inplace" in argv:
+        from .benchmark_inplace import main as inplace_main
+
+        inplace_main([a for a in argv if a != "--inplace"])
+        return 0
+    p = argparse.ArgumentParser(prog="batchnorm bench", description=__doc__.split("\n")[0],
+                                epilog="batchnorm bench --inplace [--quick ...]: the InPlace-ABN memory/time "
+                                       "benchmark (see batchnorm.benchmark_inplace)")
     p.add_argument("--quick", action="store_true", help="tiny shapes, few runs (CI smoke test)")
     p.add_argument("--reps", type=int, default=None, help="timed runs per measurement (default 9; quick 3)")
     p.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 3; quick 1)")

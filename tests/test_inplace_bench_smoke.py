@@ -1,4 +1,6 @@
-"""CI smoke test of benchmarks/inplace_bench.py: runs --quick end to end; the saved-bytes ratio is exact.
+"""CI smoke test of ``batchnorm bench --inplace`` (batchnorm/benchmark_inplace.py).
+
+Runs --quick end to end; the saved-bytes ratio is exact.
 
 No timing assertions (CI machines are noisy). The saved-bytes figure is deterministic: the torch
 stack saves the conv output, the BN output and the activation output of every block, InPlace-ABN
@@ -9,17 +11,11 @@ vectors, which the parameter-free count below recomputes from the shapes.
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "inplace_bench.py"
+import batchnorm.benchmark_inplace as _bench_mod
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("inplace_bench", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return _bench_mod
 
 
 def test_quick_run_prints_ratios_and_saves_less(capsys, tmp_path):
