@@ -670,11 +670,8 @@ class _InPlaceABN(_BatchNorm):
             nonfinite=self.nonfinite,
             **common,
         )
-        if track and new.mean is not self.running_mean:
-            with torch.no_grad():
-                self.running_mean.copy_(new.mean)
-                self.running_var.copy_(new.var)
-                self.num_batches_tracked.copy_(new.num_batches_tracked)
+        if track:
+            self._store_running_stats(new)
         return y
 
 

@@ -199,12 +199,22 @@ class _BatchNorm(nn.Module):
             running_var_unbiased=self.running_var_unbiased,
             nonfinite=self.nonfinite,
         )
-        if track and new.mean is not self.running_mean:
-            with torch.no_grad():
-                self.running_mean.copy_(new.mean)
-                self.running_var.copy_(new.var)
-                self.num_batches_tracked.copy_(new.num_batches_tracked)
+        if track:
+            self._store_running_stats(new)
         return y
+
+    def _store_running_stats(self, new: F.RunningStats) -> None:
+        """Copy a step's returned statistics into the buffers (in place, so references stay valid).
+
+        The functional ops return the very buffer tensors when nothing changed (a skipped batch),
+        in which case there is nothing to copy.
+        """
+        if new.mean is self.running_mean:
+            return
+        with torch.no_grad():
+            self.running_mean.copy_(new.mean)
+            self.running_var.copy_(new.var)
+            self.num_batches_tracked.copy_(new.num_batches_tracked)
 
     # -- conventions --------------------------------------------------------------------------
     @classmethod

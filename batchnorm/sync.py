@@ -330,10 +330,7 @@ class SyncBatchNorm(_BatchNorm):
             return
         new = F.update_running_stats(self.running_mean, self.running_var, mean, var, n, self.momentum,
                                      self.num_batches_tracked, self.running_var_unbiased)
-        with torch.no_grad():
-            self.running_mean.copy_(new.mean)
-            self.running_var.copy_(new.var)
-            self.num_batches_tracked.copy_(new.num_batches_tracked)
+        self._store_running_stats(new)
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group: Any | None = None) -> nn.Module:
