@@ -241,6 +241,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             print(f"done in {hist['wall_s']:.1f} s", flush=True)
             if args.out:
                 Path(args.out).write_text(json.dumps(hist, indent=1))
+        if launched:
+            # Tear gloo down together: a rank that destroys its group while a peer is still
+            # running can abort in gloo's threads ("terminate called without an active exception").
+            dist.barrier()
         return hist
     finally:
         if launched:
