@@ -21,6 +21,17 @@ from .kernels import torch_backend
 from .stats import batch_moments
 
 
+def differentiable_train_backward(dy, x, weight, bias, eps, channel_axis, act, slope):
+    """The closed-form training backward as differentiable torch ops, for double backward.
+
+    The statistics are recomputed from ``x`` with grad (the saved ones are constants to autograd),
+    so differentiating this gives exact second derivatives. Used by :class:`BatchNormTrainFn` and
+    by the custom op's autograd in :mod:`batchnorm.ops`.
+    """
+    m, v, _ = batch_moments(x, channel_axis)
+    return torch_backend.backward(dy, x, None, weight, bias, m, v, eps, channel_axis, act, slope)
+
+
 class BatchNormTrainFn(torch.autograd.Function):
     """``y, mean, var = BatchNormTrainFn.apply(x, weight, bias, eps, channel_axis, act, slope)``.
 
@@ -46,9 +57,7 @@ class BatchNormTrainFn(torch.autograd.Function):
         if dy is None:
             return None, None, None, None, None, None, None
         if torch.is_grad_enabled():
-            # Double backward: the formula again, on statistics recomputed with grad from x.
-            m, v, _ = batch_moments(x, axis)
-            dx, dw, db = torch_backend.backward(dy, x, None, weight, bias, m, v, eps, axis, act, slope)
+            dx, dw, db = differentiable_train_backward(dy, x, weight, bias, eps, axis, act, slope)
         else:
             dx, dw, db = ctx.backend.backward(dy, x, y, weight, bias, mean, var, eps, axis, act, slope)
         return (dx if ctx.needs_input_grad[0] else None,

@@ -41,8 +41,9 @@ import torch
 from torch import Tensor
 
 from . import kernels
+from .autograd import differentiable_train_backward
 from .kernels import torch_backend
-from .stats import acc_dtype, batch_moments
+from .stats import acc_dtype
 
 __all__ = ["eval_backward", "eval_forward", "train_backward", "train_forward"]
 
@@ -56,11 +57,21 @@ def _grad_dtype(p: Tensor | None, x: Tensor) -> torch.dtype:
 
 
 def _in_layout_of(t: Tensor, x: Tensor) -> Tensor:
-    """``t`` with the strides ``torch.empty_like(x)`` has (what the fake functions promise)."""
-    ref = torch.empty_like(x)
-    if t.stride() == ref.stride() or t.numel() <= 1:
+    """``t`` with the strides ``torch.empty_like(x)`` has (what the fake functions promise).
+
+    The reference strides come from a meta tensor, so the common case (already in layout)
+    allocates nothing.
+    """
+    if t.numel() <= 1 or t.stride() == torch.empty_like(x, device="meta").stride():
         return t
-    return ref.copy_(t)
+    return torch.empty_like(x).copy_(t)
+
+
+def _fake_grads(x, weight, bias, channel_axis):
+    """Shapes/dtypes of a backward op's ``(dx, dweight, dbias)`` for the compiler."""
+    c = x.shape[channel_axis]
+    return (torch.empty_like(x), x.new_empty((c,), dtype=_grad_dtype(weight, x)),
+            x.new_empty((c,), dtype=_grad_dtype(bias, x)))
 
 
 def _grads_out(x, weight, bias, dw, db, c):
@@ -100,9 +111,7 @@ def train_backward(dy: Tensor, x: Tensor, y: Tensor | None, weight: Tensor | Non
 
 @train_backward.register_fake
 def _(dy, x, y, weight, bias, mean, var, eps, channel_axis, act, slope):
-    c = x.shape[channel_axis]
-    return (torch.empty_like(x), x.new_empty((c,), dtype=_grad_dtype(weight, x)),
-            x.new_empty((c,), dtype=_grad_dtype(bias, x)))
+    return _fake_grads(x, weight, bias, channel_axis)
 
 
 def _train_setup(ctx, inputs, output):
@@ -120,8 +129,7 @@ def _train_grad(ctx, dy, _dmean, _dvar):
     if dy is None:
         return None, None, None, None, None, None, None
     if torch.is_grad_enabled():  # double backward: differentiable formula, statistics recomputed from x
-        m, v, _ = batch_moments(x, axis)
-        dx, dw, db = torch_backend.backward(dy, x, None, weight, bias, m, v, eps, axis, act, slope)
+        dx, dw, db = differentiable_train_backward(dy, x, weight, bias, eps, axis, act, slope)
     else:
         dx, dw, db = train_backward(dy, x, y, weight, bias, mean, var, eps, axis, act, slope)
     return (dx, dw if ctx.has[0] else None, db if ctx.has[1] else None, None, None, None, None)
@@ -157,9 +165,7 @@ def eval_backward(dy: Tensor, x: Tensor, y: Tensor | None, weight: Tensor | None
 
 @eval_backward.register_fake
 def _(dy, x, y, weight, bias, mean, var, eps, channel_axis, act, slope):
-    c = x.shape[channel_axis]
-    return (torch.empty_like(x), x.new_empty((c,), dtype=_grad_dtype(weight, x)),
-            x.new_empty((c,), dtype=_grad_dtype(bias, x)))
+    return _fake_grads(x, weight, bias, channel_axis)
 
 
 def _eval_setup(ctx, inputs, output):
