@@ -50,3 +50,16 @@ def running_var_unbiased(m: nn.Module) -> bool:
 
 def activation(m: nn.Module) -> tuple[str, float]:
     return str(getattr(m, "activation", "identity")), float(getattr(m, "negative_slope", 0.01))
+
+
+def activation_module(act: str, slope: float) -> nn.Module:
+    """The ``torch.nn`` module for a fused activation (``slope`` = leaky slope or ELU α)."""
+    if act == "identity":
+        return nn.Identity()
+    if act == "relu":
+        return nn.ReLU()
+    if act == "leaky_relu":
+        return nn.LeakyReLU(slope)
+    if act == "elu":
+        return nn.ELU(alpha=slope)
+    raise ValueError(f"batchnorm: unknown activation {act!r}; expected identity, relu, leaky_relu or elu")

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._bnlayers import activation_module
 from .modules import (
     BatchNorm1d,
     BatchNorm2d,
@@ -113,16 +114,6 @@ def _act_of(m: nn.Module) -> tuple[str, float] | None:
     if type(m) is nn.ELU:
         return "elu", float(m.alpha)
     return None
-
-
-def _act_module(act: str, slope: float) -> nn.Module:
-    if act == "relu":
-        return nn.ReLU()
-    if act == "leaky_relu":
-        return nn.LeakyReLU(slope)
-    if act == "elu":
-        return nn.ELU(alpha=slope)
-    raise ValueError(f"batchnorm.convert: unknown activation {act!r}")
 
 
 # -- torch -> ours ------------------------------------------------------------------------------
@@ -211,7 +202,8 @@ def _to_torch_plan(name: str, m: nn.Module, strict: bool) -> Callable[[], nn.Mod
         _share_state(bn, m)
         if m.activation == "identity":
             return bn
-        return nn.Sequential(bn, _act_module(m.activation, m.negative_slope)).train(m.training)
+        act = activation_module(m.activation, m.negative_slope)
+        return nn.Sequential(bn, act).train(m.training)
 
     return build
 

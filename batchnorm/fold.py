@@ -68,16 +68,7 @@ def _out_channels(layer: nn.Module) -> int:
 
 
 def _activation_module(bn: nn.Module) -> nn.Module:
-    act, slope = _bnlayers.activation(bn)
-    if act == "identity":
-        return nn.Identity()
-    if act == "relu":
-        return nn.ReLU()
-    if act == "leaky_relu":
-        return nn.LeakyReLU(slope)
-    if act == "elu":
-        return nn.ELU(alpha=slope)
-    raise ValueError(f"fold_conv_bn: unknown activation {act!r} on {type(bn).__name__}")
+    return _bnlayers.activation_module(*_bnlayers.activation(bn))
 
 
 def _check_pair(op: str, layer: nn.Module, bn: nn.Module, where: str = "") -> None:
