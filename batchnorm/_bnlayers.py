@@ -63,3 +63,32 @@ def activation_module(act: str, slope: float) -> nn.Module:
     if act == "elu":
         return nn.ELU(alpha=slope)
     raise ValueError(f"batchnorm: unknown activation {act!r}; expected identity, relu, leaky_relu or elu")
+
+
+def share_state(new: nn.Module, old: nn.Module) -> nn.Module:
+    """Give ``new`` the very tensors of ``old`` (parameters and buffers) and its train/eval mode."""
+    if old.affine:
+        new.weight = old.weight
+        new.bias = old.bias
+    new.running_mean = old.running_mean
+    new.running_var = old.running_var
+    new.num_batches_tracked = old.num_batches_tracked
+    new.train(old.training)
+    return new
+
+
+def select_layers(op: str, found: dict, layers, what: str = "BN layers of the model") -> dict:
+    """``found`` restricted to the names in ``layers`` (all of it for None), checked first.
+
+    Raises TypeError for a bare string (a common slip for a one-name list) and ValueError naming
+    the unknown names and the ones that exist.
+    """
+    if layers is None:
+        return dict(found)
+    if isinstance(layers, str):
+        raise TypeError(f"{op}: expected layers to be a list of names, got the string {layers!r}")
+    names = list(layers)
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise ValueError(f"{op}: {missing} are not {what}; those are {list(found)}")
+    return {n: found[n] for n in names}

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from ._bnlayers import activation_module
+from ._bnlayers import share_state as _share_state
 from .modules import (
     BatchNorm1d,
     BatchNorm2d,
@@ -88,16 +89,6 @@ def _ours_dim(m: _BatchNorm) -> int | None:
     return {(2, 3): 1, (4,): 2, (5,): 3}.get(ranks)
 
 
-def _share_state(new: nn.Module, old: nn.Module) -> nn.Module:
-    """Give ``new`` the very tensors of ``old`` (parameters and buffers) and its train/eval mode."""
-    if old.affine:
-        new.weight = old.weight
-        new.bias = old.bias
-    new.running_mean = old.running_mean
-    new.running_var = old.running_var
-    new.num_batches_tracked = old.num_batches_tracked
-    new.train(old.training)
-    return new
 
 
 def _factory(old: nn.Module) -> dict[str, Any]:

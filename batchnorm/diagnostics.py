@@ -311,17 +311,7 @@ class BNDiagnostics:
         self.percentiles = ps
         self.history = bool(history)
         self.model = model
-        bn = dict(_bnlayers.iter_bn(model))
-        if layers is None:
-            self._bn = bn
-        else:
-            if isinstance(layers, str):
-                raise TypeError(f"{_OP}: expected layers to be a list of names, got the string {layers!r}")
-            missing = [n for n in layers if n not in bn]
-            if missing:
-                raise ValueError(f"{_OP}: layers {missing} are not BN layers of the model; "
-                                 f"BN layers: {list(bn)}")
-            self._bn = {n: bn[n] for n in layers}
+        self._bn = _bnlayers.select_layers(_OP, dict(_bnlayers.iter_bn(model)), layers)
         self._watch = _normalise_watch(model, watch)
         self.step: int | None = None
         self._handles: list[Any] = []

@@ -259,15 +259,7 @@ def freeze(model: nn.Module, *, layers: Sequence[str] | None = None, train_affin
     if not isinstance(model, nn.Module):
         raise TypeError(f"{op}: expected a torch.nn.Module, got {type(model).__name__}")
     found = dict(_bnlayers.iter_bn(model))
-    if layers is None:
-        names = list(found)
-    else:
-        if isinstance(layers, str):
-            raise TypeError(f"{op}: expected layers to be a list of names, got the string {layers!r}")
-        names = list(layers)
-        missing = [n for n in names if n not in found]
-        if missing:
-            raise ValueError(f"{op}: {missing} are not BN layers of the model; BN layers: {list(found)}")
+    names = list(_bnlayers.select_layers(op, found, layers))
     for n in names:
         _check_freezable(op, n, found[n])
     for n in names:
@@ -286,15 +278,7 @@ def unfreeze(model: nn.Module, *, layers: Sequence[str] | None = None) -> nn.Mod
     if not isinstance(model, nn.Module):
         raise TypeError(f"{op}: expected a torch.nn.Module, got {type(model).__name__}")
     frozen = {n: m for n, m in model.named_modules() if isinstance(m, FrozenBatchNorm)}
-    if layers is None:
-        names = list(frozen)
-    else:
-        if isinstance(layers, str):
-            raise TypeError(f"{op}: expected layers to be a list of names, got the string {layers!r}")
-        names = list(layers)
-        missing = [n for n in names if n not in frozen]
-        if missing:
-            raise ValueError(f"{op}: {missing} are not frozen BN layers; frozen layers: {list(frozen)}")
+    names = list(_bnlayers.select_layers(op, frozen, layers, "frozen BN layers"))
     for n in names:  # validate first: a layer that cannot be restored must not leave a half-done model
         m = frozen[n]
         if m._original is None and (_ACT_BY_RANKS if m.activation != "identity" else _PLAIN_BY_RANKS).get(

@@ -316,14 +316,7 @@ def recalibrate(
                         f"iterator; pass a list or a DataLoader (shuffle=False), or use mode='fast'")
     fwd = forward or _default_forward
     found = {n: m for n, m in _bnlayers.iter_bn(model) if getattr(m, "running_mean", None) is not None}
-    if layers is not None:
-        if isinstance(layers, str):
-            raise TypeError(f"{_OP}: expected layers to be a list of names, got the string {layers!r}")
-        missing = [n for n in layers if n not in found]
-        if missing:
-            raise ValueError(f"{_OP}: {missing} are not BN layers with running statistics; those are "
-                             f"{list(found)}")
-        found = {n: found[n] for n in layers}
+    found = _bnlayers.select_layers(_OP, found, layers, "BN layers with running statistics")
     if not found:
         raise ValueError(f"{_OP}: {type(model).__name__} has no BN layer with running statistics to "
                          f"recalibrate")

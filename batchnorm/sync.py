@@ -71,6 +71,7 @@ from torch.autograd.function import once_differentiable
 
 from . import functional as F
 from . import kernels
+from ._bnlayers import share_state
 from ._checks import check_input
 from .kernels import torch_backend
 from .modules import _BatchNorm
@@ -414,14 +415,7 @@ def _to_sync(m: nn.Module, process_group: Any) -> SyncBatchNorm:
     factory = {} if ref is None else {"device": ref.device, "dtype": ref.dtype}
     new = SyncBatchNorm(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats,
                         process_group, **factory, **extras)
-    with torch.no_grad():
-        if m.affine:
-            new.weight = m.weight
-            new.bias = m.bias
-    new.running_mean = m.running_mean
-    new.running_var = m.running_var
-    new.num_batches_tracked = m.num_batches_tracked
-    new.train(m.training)
+    share_state(new, m)
     if hasattr(m, "qconfig"):
         new.qconfig = m.qconfig
     return new
