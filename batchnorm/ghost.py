@@ -324,29 +324,8 @@ class _GhostBatchNorm(_BatchNorm):
         op = type(self).__name__
         x, axis = check_input(op, input, ranks=self._ranks, channel_axis=self.channel_axis,
                               num_features=self.num_features, training=True)
-        # As torch: buffers present but track_running_stats switched off -> batch stats, no update.
-        track = self.training and self.track_running_stats and self.running_mean is not None
-        y, new = ghost_batch_norm_train(
-            x,
-            self.running_mean if track else None,
-            self.running_var if track else None,
-            self.weight,
-            self.bias,
-            virtual_batch_size=self.virtual_batch_size,
-            remainder=self.remainder,
-            stats_update=self.stats_update,
-            momentum=self.momentum,
-            eps=self.eps,
-            num_batches_tracked=self.num_batches_tracked if track else None,
-            channel_axis=axis,
-            activation=self.activation,
-            negative_slope=self.negative_slope,
-            running_var_unbiased=self.running_var_unbiased,
-            nonfinite=self.nonfinite,
-        )
-        if track:
-            self._store_running_stats(new)
-        return y
+        return self._train_step(ghost_batch_norm_train, x, axis, virtual_batch_size=self.virtual_batch_size,
+                                remainder=self.remainder, stats_update=self.stats_update)
 
 
 class GhostBatchNorm1d(_GhostBatchNorm):

@@ -90,6 +90,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Iterator
 from types import ModuleType
@@ -652,27 +653,12 @@ class _InPlaceABN(_BatchNorm):
         batch_stats = self._use_batch_stats()
         x, axis = check_input(op, input, ranks=self._ranks, channel_axis=self.channel_axis,
                               num_features=self.num_features, training=batch_stats)
-        common = {"channel_axis": axis, "activation": self.activation, "negative_slope": self.negative_slope,
-                  "inplace": self.inplace, "eps_gamma": self.eps_gamma, "eps": self.eps}
         if not batch_stats:
-            return _eval(op, x, self.running_mean, self.running_var, self.weight, self.bias, **common)
-        track = self.training and self.running_mean is not None
-        y, new = _train(
-            op,
-            x,
-            self.running_mean if track else None,
-            self.running_var if track else None,
-            self.weight,
-            self.bias,
-            momentum=self.momentum,
-            num_batches_tracked=self.num_batches_tracked if track else None,
-            running_var_unbiased=self.running_var_unbiased,
-            nonfinite=self.nonfinite,
-            **common,
-        )
-        if track:
-            self._store_running_stats(new)
-        return y
+            return _eval(op, x, self.running_mean, self.running_var, self.weight, self.bias,
+                         channel_axis=axis, activation=self.activation, negative_slope=self.negative_slope,
+                         inplace=self.inplace, eps_gamma=self.eps_gamma, eps=self.eps)
+        return self._train_step(functools.partial(_train, op), x, axis, inplace=self.inplace,
+                                eps_gamma=self.eps_gamma)
 
 
 class InPlaceABN1d(_InPlaceABN):

@@ -182,9 +182,18 @@ class _BatchNorm(nn.Module):
             return F.batch_norm_eval(x, self.running_mean, self.running_var, self.weight, self.bias,
                                      eps=self.eps, channel_axis=axis, activation=self.activation,
                                      negative_slope=self.negative_slope)
-        # As torch: buffers present but track_running_stats switched off -> batch stats, no update.
+        return self._train_step(F.batch_norm_train, x, axis)
+
+    def _train_step(self, fn, x: torch.Tensor, axis: int, **extra: Any) -> torch.Tensor:
+        """Run a training-mode functional op (state in, state out) with this layer's flags.
+
+        Every BN variant goes through here: ``fn(x, running_mean, running_var, weight, bias, **flags,
+        **extra)`` must return ``(y, RunningStats)``; the returned statistics are stored in the
+        buffers. As torch: with buffers present but ``track_running_stats`` switched off (or in
+        eval without buffers) batch statistics are used and nothing is updated.
+        """
         track = self.training and self.track_running_stats and self.running_mean is not None
-        y, new = F.batch_norm_train(
+        y, new = fn(
             x,
             self.running_mean if track else None,
             self.running_var if track else None,
@@ -198,6 +207,7 @@ class _BatchNorm(nn.Module):
             negative_slope=self.negative_slope,
             running_var_unbiased=self.running_var_unbiased,
             nonfinite=self.nonfinite,
+            **extra,
         )
         if track:
             self._store_running_stats(new)

@@ -354,15 +354,7 @@ class _BatchRenorm(_BatchNorm):
         x, axis = check_input(op, input, ranks=self._ranks, channel_axis=self.channel_axis,
                               num_features=self.num_features, training=True)
         r_max, d_max = self.current_limits()
-        y, new = batch_renorm_train(
-            x, self.running_mean, self.running_var, self.weight, self.bias,
-            r_max=r_max, d_max=d_max, momentum=self.momentum, eps=self.eps,
-            num_batches_tracked=self.num_batches_tracked, channel_axis=axis, activation=self.activation,
-            negative_slope=self.negative_slope, running_var_unbiased=self.running_var_unbiased,
-            nonfinite=self.nonfinite,
-        )
-        self._store_running_stats(new)
-        return y
+        return self._train_step(batch_renorm_train, x, axis, r_max=r_max, d_max=d_max)
 
 
 class BatchRenorm1d(_BatchRenorm):
