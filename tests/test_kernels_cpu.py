@@ -23,7 +23,7 @@ from _util import assert_close
 import batchnorm
 from batchnorm import functional as F
 from batchnorm import reference as R
-from batchnorm.kernels import cpu
+from batchnorm.kernels import _omp, cpu
 
 ACTS = [("identity", 0.01), ("relu", 0.0), ("leaky_relu", 0.1), ("elu", 0.7)]
 DTYPES = [torch.float32, torch.float64]
@@ -38,6 +38,19 @@ LAYOUTS = {
     "nhwc_axis": ((4, 5, 6, 3), -1, None),
     "channels_first_axis0": ((6, 50), 0, None),
 }
+
+
+RUNNERS = ["team", "pool"]
+
+
+@pytest.fixture(params=RUNNERS)
+def runner(request, monkeypatch):
+    """Run the kernels on torch's OpenMP team ("team") or on the Python thread pool ("pool")."""
+    if request.param == "team" and not _omp.runtime():
+        pytest.skip("torch here has no OpenMP team to run on")
+    if request.param == "pool":
+        monkeypatch.setattr(_omp, "_state", {"lib": ""})
+    return request.param
 
 
 def _tol(dtype):
@@ -66,7 +79,7 @@ def _affine(c, dtype):
 @pytest.mark.parametrize("act,slope", ACTS, ids=[a for a, _ in ACTS])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-def test_every_kernel_matches_the_oracle(dtype, layout, act, slope):
+def test_every_kernel_matches_the_oracle(dtype, layout, act, slope, runner):
     x, axis = _input(layout, dtype)
     assert batchnorm.backend_for(x, axis, act) == "numba", "this layout must run on the numba kernels"
     c = x.shape[axis]
@@ -328,7 +341,8 @@ def test_thread_pool_works_in_a_forked_child():
         if pid == 0:  # child: same call, must finish with the same result (compared with numpy: torch's
             # own OpenMP pool is not usable after a fork, which is why DataLoader workers use 1 thread)
             y = cpu.train_forward(x, None, None, 1e-5, 1, "relu", 0.0)[0]
-            os._exit(0 if np.array_equal(y.numpy(), ref.numpy()) else 1)
+            # (the parent's OpenMP team does not exist here: the child must use the Python pool)
+            os._exit(0 if np.array_equal(y.numpy(), ref.numpy()) and not _omp.runtime() else 1)
         deadline = time.monotonic() + 20
         while True:
             done, status = os.waitpid(pid, os.WNOHANG)
@@ -356,3 +370,90 @@ def test_expanded_and_foreign_layout_gradients_are_made_dense_first():
             assert_close(dx, ref, rtol=2e-6, atol=2e-6 * np.abs(ref).max(), what="dx")
     sigs = cpu._backward_ncl.signatures + cpu._dx_mc.signatures
     assert all(a.layout == "C" for sig in sigs for a in sig if hasattr(a, "layout")), "a strided compile"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc_memory", "nc"])
+@pytest.mark.parametrize("act", ["relu", "elu"])
+def test_openmp_team_and_python_pool_give_identical_results(dtype, layout, act, monkeypatch):
+    """Both runners split the work the same way: for the same thread count the statistics and the
+    parameter gradients agree bit for bit, elementwise outputs to the last bit or within one rounding
+    (the compiler may contract a multiply-add into an FMA differently in the two builds)."""
+    if not _omp.runtime():
+        pytest.skip("torch here has no OpenMP team to run on")
+    shape = {"nchw": (16, 8, 24, 24), "nhwc_memory": (16, 8, 24, 24), "nc": (4096, 24)}[layout]
+    x = torch.randn(shape, dtype=dtype) * 3 + 1
+    if layout == "nhwc_memory":
+        x = x.contiguous(memory_format=torch.channels_last)
+    w, b = _affine(shape[1], dtype)
+    dy = torch.randn_like(x)
+    rm, rv = torch.rand(shape[1], dtype=dtype), torch.rand(shape[1], dtype=dtype) + 0.5
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert cpu._threads(x.numel(), 8) == 2, "the case must run on two threads"
+        out = {}
+        for who in RUNNERS:
+            if who == "pool":
+                monkeypatch.setattr(_omp, "_state", {"lib": ""})
+            y, m, v = cpu.train_forward(x, w, b, 1e-5, 1, act, 1.0)
+            ye = cpu.eval_forward(x, rm, rv, w, b, 1e-3, 1, act, 1.0)
+            out[who] = [y.clone(), m, v, *cpu.backward(dy, x, y, w, b, m, v, 1e-5, 1, act, 1.0), ye.clone(),
+                        *cpu.eval_backward(dy, x, ye, w, b, rm, rv, 1e-3, 1, act, 1.0)]
+    finally:
+        torch.set_num_threads(old)
+    ulp = torch.finfo(dtype).eps
+    for name, a, b_ in zip(["y", "mean", "var", "dx", "dw", "db", "eval y", "eval dx", "eval dw", "eval db"],
+                           out["team"], out["pool"]):
+        if name in ("mean", "var", "dw", "db", "eval dw", "eval db"):
+            assert torch.equal(a, b_), f"{name}: OpenMP team and Python pool differ"
+        else:
+            torch.testing.assert_close(a, b_, rtol=ulp, atol=ulp * b_.abs().max().item(), msg=name)
+
+
+def test_openmp_runtime_is_torchs_own_and_can_be_switched_off():
+    """The team is torch's OpenMP runtime (the library torch loaded, never a second one);
+    BATCHNORM_OMP=0 selects the Python pool, with the same results."""
+    code = ("import torch, numpy as np; from batchnorm.kernels import cpu, _omp; torch.manual_seed(0);"
+            "x = torch.randn(16, 8, 24, 24); y = cpu.train_forward(x, None, None, 1e-5, 1, 'relu', 0.)[0];"
+            "np.save('OUT', y.numpy()); print(repr(_omp.runtime()))")
+    outs = {}
+    for flag in ("1", "0"):
+        out_file = f"{os.getpid()}-{flag}.npy"
+        env = {**os.environ, "BATCHNORM_OMP": flag}
+        try:
+            res = subprocess.run([sys.executable, "-c", code.replace("OUT", out_file)], env=env,
+                                 capture_output=True, text=True, check=True)
+            outs[flag] = (eval(res.stdout.strip()), np.load(out_file))
+        finally:
+            if os.path.exists(out_file):
+                os.remove(out_file)
+    assert outs["0"][0] == "", "BATCHNORM_OMP=0 must select the Python thread pool"
+    if "ATen parallel backend: OpenMP" in torch.__config__.parallel_info() and sys.platform == "linux":
+        lib = outs["1"][0]
+        assert lib and os.path.basename(lib).startswith(("libgomp", "libiomp5", "libomp")), lib
+    assert np.array_equal(outs["0"][1], outs["1"][1])
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nc"])
+def test_relu_outputs_are_positive_zero_like_torch(layout, runner):
+    """max(z, 0) is +0 where z < 0 (torch.relu's convention), never -0 (which prints as "-0.")."""
+    x = torch.randn((16, 8, 24, 24) if layout == "nchw" else (4096, 24))
+    for y in (cpu.train_forward(x, None, None, 1e-5, 1, "relu", 0.0)[0],
+              cpu.eval_forward(x, None, None, None, None, 1e-5, 1, "relu", 0.0)):
+        zeros = y == 0
+        assert zeros.any() and not torch.signbit(y[zeros]).any()
+
+
+def test_non_contiguous_parameters_and_statistics_are_read_correctly(runner):
+    """γ, β and running statistics given as strided views (every other element of a longer tensor)."""
+    x = torch.randn(16, 8, 24, 24, dtype=torch.float64)
+    base = torch.linspace(0.5, 2.0, 16, dtype=torch.float64)
+    w, b, rm, rv = base[::2], base[1::2] - 1, base[::2] - 1, base[1::2]
+    assert not w.is_contiguous()
+    y = cpu.train_forward(x, w, b, 1e-5, 1, "relu", 0.0)[0]
+    ref_y = R.forward_train(_np(x), _np(w), _np(b), 1e-5, 1, "relu", 0.0)[0]
+    assert_close(y, ref_y, rtol=1e-10, atol=1e-10, what="train y")
+    ye = cpu.eval_forward(x, rm, rv, w, b, 1e-5, 1, "relu", 0.0)
+    assert_close(ye, R.forward_eval(_np(x), _np(rm), _np(rv), _np(w), _np(b), 1e-5, 1, "relu", 0.0),
+                 rtol=1e-10, atol=1e-10, what="eval y")

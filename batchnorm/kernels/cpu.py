@@ -55,12 +55,17 @@ Activations: identity, relu and leaky_relu are one code path (``z`` if ``z > 0``
 ``neg·z`` with neg = 1, 0, slope), ELU a run-time flag; activation, slope and α are run-time
 values, so each kernel compiles once per dtype (float32, float64) and no more.
 
-Threads: the kernels are plain sequential numba functions (``nogil=True``); a call is split into
-``torch.get_num_threads()`` disjoint channel ranges or row blocks that run on a small thread pool,
-one on the calling thread (inputs under 64 Ki values run on one thread). Against numba's
-``parallel=True``/``prange`` this compiles 2–3× faster (each ``prange`` loop is a separately
-compiled gufunc) and runs no OpenMP pool beside torch's; a channel is never split, so results do
-not depend on the thread count in the ``(N, C, L)`` layout.
+Threads: the kernels are plain sequential numba functions over a range of channels or rows. A call
+runs as **one OpenMP parallel region on torch's own thread team** (:mod:`batchnorm.kernels._omp`):
+a numba ``cfunc`` per operation and dtype takes its share by ``omp_get_thread_num`` and, in the
+``(M, C)`` layout, meets the team at a barrier between the statistics and the normalise sweep. On
+a private thread pool the same kernels lost half their speed to torch's idle OpenMP workers, which
+spin for milliseconds after every torch op (32×256×28×28 eval: 1.3 ms alone, 2.2–4.6 ms after a
+torch op; on the team 0.95 ms either way, the speed of a torch copy). Where torch has no OpenMP
+team to share (macOS/Windows builds, a forked child, ``BATCHNORM_OMP=0``) the same kernels run on
+a small Python thread pool (``nogil``) with the same split. ``torch.get_num_threads()`` threads,
+one for inputs under 64 Ki values; a channel is never split, so ``(N, C, L)`` results do not depend
+on the thread count.
 
 Allocation, measured for a 128×64×56×56 float32 output (103 MB) on 2 cores (medians, ms). Quiet
 machine (``taskset -c 0,1``, same CPU family); "tuned" = ``mallopt(M_MMAP_MAX=0,
@@ -93,10 +98,11 @@ and y only for ELU — nothing of the input's size is allocated for the backward
 
 Compilation: lazily at first use, ``cache=True``, cache folder from
 :mod:`batchnorm.kernels._numba_setup`. Importing :mod:`batchnorm` imports neither this module nor
-numba. First use of one layout and dtype (forward + backward), measured on the 2-core machine:
-cold (fresh cache) 2.3 s for NCHW float32 (+2.2 s for the channels-last kernels when a model uses
-both); cached 0.65 s, of which 0.26 s is importing numba, 0.22 s numba importing SciPy's BLAS
-while it starts up, and 0.2 s loading the kernels; later calls pay nothing.
+numba. One callback per operation × layout × dtype is compiled, only when used. First use of one
+layout and dtype (forward + backward), measured on the 2-core machine: cold (fresh cache) 5.2 s for
+NCHW float32 (+5.5 s for the channels-last kernels when a model uses both); cached 0.59 s, of which
+0.2 s is importing numba and 0.24 s numba loading its NumPy support — 0.14 s of that is numba
+importing SciPy's BLAS when SciPy is installed (0.50 s without SciPy); later calls pay nothing.
 """
 
 from __future__ import annotations
@@ -115,6 +121,9 @@ from ._numba_setup import configure
 configure()  # the cache folder must be known before numba is imported
 
 import numba as nb  # noqa: E402
+from numba import carray  # noqa: E402
+
+from . import _omp  # noqa: E402
 
 __all__ = ["backward", "eval_backward", "eval_forward", "name", "supports", "train_forward"]
 
@@ -245,7 +254,7 @@ def _forward_ncl(x, y, mean, var, w, b, eps, train, elu, cst, sv, c0, c1):
             else:
                 for j in range(L):
                     z = ((x[i, c, j] - hi) - lo) * sc + bc
-                    y[i, c, j] = z if z > zero else z * neg
+                    y[i, c, j] = z if z > zero else z * neg + zero  # (+ 0: relu gives +0, never -0)
 
 
 @nb.njit(**_STRICT)
@@ -361,7 +370,7 @@ def _apply_mc(x, y, elu, cst, sv, r0, r1):
         else:
             for c in range(C):
                 z = ((x[i, c] - hi[c]) - lo[c]) * sc[c] + bb[c]
-                y[i, c] = z if z > zero else z * neg
+                y[i, c] = z if z > zero else z * neg + zero  # (+ 0: relu gives +0, never -0)
 
 
 @nb.njit(**_STRICT)
@@ -432,6 +441,170 @@ def _dx_mc(x, dy, y, dx, elu, cst, sv, r0, r1):
                 z = d * sc[c] + bb[c]
                 dz = dy[i, c] * (one if z > zero else neg)
                 dx[i, c] = sc[c] * dz + q[c] * d + r[c]
+
+
+# =============================================================================================
+# Team tasks: one whole operation as one OpenMP parallel region on torch's own team (see
+# batchnorm.kernels._omp for why). Each is compiled (lazily) into a C callback ``fn(block)``: the
+# block is an int64 array holding sizes, flags, eps and the addresses of the arrays, laid out as
+# below; thread t of nt takes channels [t·C/nt, (t+1)·C/nt) or rows [t·M/nt, (t+1)·M/nt) — the
+# same split as the Python thread pool, so both give identical results for the same thread count.
+# =============================================================================================
+_BLOCK = 23
+(_B_N, _B_C, _B_L, _B_TRAIN, _B_SUMS, _B_ELU, _B_EPS, _B_X, _B_Y, _B_DY, _B_DX, _B_MEAN, _B_VAR,
+ _B_W, _B_B, _B_CST, _B_SV, _B_DW, _B_DB, _B_P1, _B_P2, _B_K, _B_INV) = range(_BLOCK)
+# sizes: (N, C, L) kernels  N, C, L;  (M, C) kernels  N = M, C, L = rows of the partial-sum tables
+
+
+@nb.njit(**_STRICT)
+def _at(blk, slot, shape, dt):
+    """The array at block[slot] (an address) with the given shape and dtype."""
+    return carray(_omp.voidptr(blk[slot]), shape, dt)
+
+
+@nb.njit(**_STRICT)
+def _part(total):
+    """(t, lo, hi): this thread's index and its share [lo, hi) of range(total)."""
+    t = _omp.thread_num()
+    nt = _omp.num_threads()
+    return t, t * total // nt, (t + 1) * total // nt
+
+
+@nb.njit(**_STRICT)
+def _team_forward_ncl_body(blk, dt):
+    N, C, L = blk[_B_N], blk[_B_C], blk[_B_L]
+    _, c0, c1 = _part(C)
+    f64 = np.float64
+    _forward_ncl(_at(blk, _B_X, (N, C, L), dt), _at(blk, _B_Y, (N, C, L), dt), _at(blk, _B_MEAN, C, f64),
+                 _at(blk, _B_VAR, C, f64), _at(blk, _B_W, C, f64), _at(blk, _B_B, C, f64),
+                 blk.view(f64)[_B_EPS], blk[_B_TRAIN] != 0, blk[_B_ELU] != 0, _at(blk, _B_CST, (6, C), dt),
+                 _at(blk, _B_SV, 4, dt), c0, c1)
+
+
+@nb.njit(**_STRICT)
+def _team_backward_ncl_body(blk, dt):
+    N, C, L = blk[_B_N], blk[_B_C], blk[_B_L]
+    _, c0, c1 = _part(C)
+    f64 = np.float64
+    sh = (N, C, L)
+    x, dy = _at(blk, _B_X, sh, dt), _at(blk, _B_DY, sh, dt)
+    y, dx = _at(blk, _B_Y, sh, dt), _at(blk, _B_DX, sh, dt)
+    _backward_ncl(x, dy, y, dx, _at(blk, _B_MEAN, C, f64), _at(blk, _B_VAR, C, f64), _at(blk, _B_W, C, f64),
+                  _at(blk, _B_B, C, f64), blk.view(f64)[_B_EPS], blk[_B_TRAIN] != 0, blk[_B_SUMS] != 0,
+                  blk[_B_ELU] != 0, _at(blk, _B_CST, (6, C), dt), _at(blk, _B_SV, 4, dt),
+                  _at(blk, _B_DW, C, f64), _at(blk, _B_DB, C, f64), c0, c1)
+
+
+@nb.njit(**_STRICT)
+def _team_forward_mc_body(blk, dt):
+    """Statistics (train) → barrier → member 0 merges and sets the constants → barrier → apply."""
+    M, C, S = blk[_B_N], blk[_B_C], blk[_B_L]
+    t, r0, r1 = _part(M)
+    f64 = np.float64
+    x, k, cst, sv = _at(blk, _B_X, (M, C), dt), _at(blk, _B_K, C, dt), _at(blk, _B_CST, (6, C), dt), \
+        _at(blk, _B_SV, 4, dt)
+    p1, p2 = _at(blk, _B_P1, (S, C), f64), _at(blk, _B_P2, (S, C), f64)  # zeroed, one row per member
+    mean, var = _at(blk, _B_MEAN, C, f64), _at(blk, _B_VAR, C, f64)
+    train = blk[_B_TRAIN] != 0
+    if train:
+        _sums_mc(x, k, p1[t], p2[t], sv, r0, r1)
+        _omp.barrier()
+    if t == 0:
+        if train:
+            _stats_mc(x, k, p1, p2, mean, var)
+        _constants_mc(mean, var, _at(blk, _B_W, C, f64), _at(blk, _B_B, C, f64), blk.view(f64)[_B_EPS], cst,
+                      _at(blk, _B_INV, C, f64))
+    _omp.barrier()
+    _apply_mc(x, _at(blk, _B_Y, (M, C), dt), blk[_B_ELU] != 0, cst, sv, r0, r1)
+
+
+@nb.njit(**_STRICT)
+def _team_backward_mc_body(blk, dt):
+    """(constants set by the caller) g, h' → barrier → member 0 merges, sets q, r → barrier → dx."""
+    M, C, S = blk[_B_N], blk[_B_C], blk[_B_L]
+    t, r0, r1 = _part(M)
+    f64 = np.float64
+    x, dy, y = _at(blk, _B_X, (M, C), dt), _at(blk, _B_DY, (M, C), dt), _at(blk, _B_Y, (M, C), dt)
+    cst, sv = _at(blk, _B_CST, (6, C), dt), _at(blk, _B_SV, 4, dt)
+    pg, ph = _at(blk, _B_P1, (S, C), f64), _at(blk, _B_P2, (S, C), f64)
+    elu = blk[_B_ELU] != 0
+    if blk[_B_SUMS] != 0:
+        _grad_sums_mc(x, dy, y, elu, cst, sv, pg[t], ph[t], r0, r1)
+        _omp.barrier()
+    if t == 0:
+        _grad_coefs_mc(pg, ph, _at(blk, _B_W, C, f64), _at(blk, _B_INV, C, f64), M, blk[_B_TRAIN] != 0, cst,
+                       _at(blk, _B_DW, C, f64), _at(blk, _B_DB, C, f64))
+    _omp.barrier()
+    _dx_mc(x, dy, y, _at(blk, _B_DX, (M, C), dt), elu, cst, sv, r0, r1)
+
+
+# The callbacks ``void fn(int64 *block)``: one per operation and dtype, compiled only when used.
+def _team_forward_ncl_f32(data):
+    _team_forward_ncl_body(carray(data, _BLOCK), np.float32)
+
+
+def _team_forward_ncl_f64(data):
+    _team_forward_ncl_body(carray(data, _BLOCK), np.float64)
+
+
+def _team_backward_ncl_f32(data):
+    _team_backward_ncl_body(carray(data, _BLOCK), np.float32)
+
+
+def _team_backward_ncl_f64(data):
+    _team_backward_ncl_body(carray(data, _BLOCK), np.float64)
+
+
+def _team_forward_mc_f32(data):
+    _team_forward_mc_body(carray(data, _BLOCK), np.float32)
+
+
+def _team_forward_mc_f64(data):
+    _team_forward_mc_body(carray(data, _BLOCK), np.float64)
+
+
+def _team_backward_mc_f32(data):
+    _team_backward_mc_body(carray(data, _BLOCK), np.float32)
+
+
+def _team_backward_mc_f64(data):
+    _team_backward_mc_body(carray(data, _BLOCK), np.float64)
+
+
+_TEAM_FNS = {(fn.__name__[6:-4], fn.__name__[-3:]): fn for fn in (
+    _team_forward_ncl_f32, _team_forward_ncl_f64, _team_backward_ncl_f32, _team_backward_ncl_f64,
+    _team_forward_mc_f32, _team_forward_mc_f64, _team_backward_mc_f32, _team_backward_mc_f64)}
+_team_cfuncs: dict[tuple[str, str], int] = {}
+_team_lock = threading.Lock()
+
+
+def _team_address(op: str, dtype: np.dtype) -> int:
+    """The compiled callback of ``op`` for ``dtype`` (compiled, or loaded from the cache, at first use)."""
+    key = (op, "f64" if dtype == np.float64 else "f32")
+    addr = _team_cfuncs.get(key)
+    if addr is None:
+        with _team_lock:
+            if key not in _team_cfuncs:
+                _team_cfuncs[key] = nb.cfunc(nb.types.void(nb.types.CPointer(nb.types.int64)),
+                                             **_STRICT)(_TEAM_FNS[key]).address
+            addr = _team_cfuncs[key]
+    return addr
+
+
+def _block(arrays: dict[str, np.ndarray], sizes: tuple[int, int, int], flags: dict[str, bool],
+           eps: float) -> np.ndarray:
+    """The int64 argument block of a team task (see the layout above)."""
+    blk = np.zeros(_BLOCK, dtype=np.int64)
+    blk[_B_N], blk[_B_C], blk[_B_L] = sizes
+    blk[_B_TRAIN], blk[_B_SUMS], blk[_B_ELU] = flags.get("train", False), flags.get("sums", False), \
+        flags.get("elu", False)
+    blk.view(np.float64)[_B_EPS] = eps
+    slots = {"x": _B_X, "y": _B_Y, "dy": _B_DY, "dx": _B_DX, "mean": _B_MEAN, "var": _B_VAR, "w": _B_W,
+             "b": _B_B, "cst": _B_CST, "sv": _B_SV, "dw": _B_DW, "db": _B_DB, "p1": _B_P1, "p2": _B_P2,
+             "k": _B_K, "inv": _B_INV}
+    for key, a in arrays.items():
+        blk[slots[key]] = a.ctypes.data
+    return blk
 
 
 # =============================================================================================
@@ -536,7 +709,7 @@ def _empty_like(x: torch.Tensor) -> torch.Tensor:
 def _vec(t: torch.Tensor | None, c: int, fill: float) -> np.ndarray:
     if t is None:
         return np.full(c, fill)
-    return t.detach().to(torch.float64).reshape(c).numpy()
+    return np.ascontiguousarray(t.detach().to(torch.float64).reshape(c).numpy())
 
 
 def _consts(dtype, c: int, act: str, slope: float) -> tuple[np.ndarray, np.ndarray, bool]:
@@ -556,6 +729,15 @@ def supports(x: torch.Tensor, channel_axis: int, act: str) -> bool:
             and _plan(x, channel_axis % x.ndim) is not None)
 
 
+def _team(*arrays: np.ndarray) -> bool:
+    """Run on torch's OpenMP team (see :mod:`batchnorm.kernels._omp`) rather than the Python pool?"""
+    return bool(_omp.runtime()) and all(a.flags.c_contiguous for a in arrays)
+
+
+def _launch(op: str, blk: np.ndarray, threads: int, dtype: np.dtype) -> None:
+    _omp.run(_team_address(op, dtype), blk.ctypes.data, threads)
+
+
 def _forward(x, mean_np, var_np, weight, bias, eps, axis, act, slope, train):
     plan = _plan(x, axis)
     c = x.shape[axis]
@@ -564,18 +746,29 @@ def _forward(x, mean_np, var_np, weight, bias, eps, axis, act, slope, train):
     w, b = _vec(weight, c, 1.0), _vec(bias, c, 0.0)
     cst, sv, elu = _consts(xa.dtype, c, act, slope)
     eps = float(eps)
+    vecs = {"x": xa, "y": ya, "mean": mean_np, "var": var_np, "w": w, "b": b, "cst": cst, "sv": sv}
+    flags = {"train": train, "elu": elu}
     if plan[0] == "ncl":
-        parts = _split(c, _threads(xa.size, c))
+        nt = _threads(xa.size, c)
+        if _team(*vecs.values()):
+            _launch("forward_ncl", _block(vecs, xa.shape, flags, eps), nt, xa.dtype)
+            return y
         _parallel(_forward_ncl, [(xa, ya, mean_np, var_np, w, b, eps, train, elu, cst, sv, lo, hi)
-                                 for lo, hi in parts])
+                                 for lo, hi in _split(c, nt)])
         return y
-    parts = _split(xa.shape[0], _threads(xa.size, xa.shape[0]))
+    rows = xa.shape[0]
+    nt = _threads(xa.size, rows)
+    k = xa[0].copy()
+    p1, p2, inv = np.zeros((nt, c)), np.zeros((nt, c)), np.empty(c)
+    if _team(*vecs.values()):
+        blk = _block({**vecs, "k": k, "p1": p1, "p2": p2, "inv": inv}, (rows, c, nt), flags, eps)
+        _launch("forward_mc", blk, nt, xa.dtype)
+        return y
+    parts = _split(rows, nt)
     if train:
-        k = xa[0].copy()
-        p1, p2 = np.zeros((len(parts), c)), np.zeros((len(parts), c))
         _parallel(_sums_mc, [(xa, k, p1[t], p2[t], sv, lo, hi) for t, (lo, hi) in enumerate(parts)])
         _stats_mc(xa, k, p1, p2, mean_np, var_np)
-    _constants_mc(mean_np, var_np, w, b, eps, cst, np.empty(c))
+    _constants_mc(mean_np, var_np, w, b, eps, cst, inv)
     _parallel(_apply_mc, [(xa, ya, elu, cst, sv, lo, hi) for lo, hi in parts])
     return y
 
@@ -615,21 +808,32 @@ def _backward(dy, x, y, weight, bias, mean, var, eps, axis, act, slope, train):
     sums = train or weight is not None or bias is not None
     cst, sv, elu = _consts(xa.dtype, c, act, slope)
     eps = float(eps)
+    vecs = {"x": xa, "dy": dya, "y": ya, "dx": dxa, "mean": m, "var": v, "w": w, "b": b, "cst": cst, "sv": sv,
+            "dw": dw, "db": db}
+    flags = {"train": train, "sums": sums, "elu": elu}
     if plan[0] == "ncl":
-        parts = _split(c, _threads(xa.size, c))
-        args = (xa, dya, ya, dxa, m, v, w, b, eps, train, sums, elu, cst, sv, dw, db)
-        _parallel(_backward_ncl, [(*args, lo, hi) for lo, hi in parts])
+        nt = _threads(xa.size, c)
+        if _team(*vecs.values()):
+            _launch("backward_ncl", _block(vecs, xa.shape, flags, eps), nt, xa.dtype)
+        else:
+            args = (xa, dya, ya, dxa, m, v, w, b, eps, train, sums, elu, cst, sv, dw, db)
+            _parallel(_backward_ncl, [(*args, lo, hi) for lo, hi in _split(c, nt)])
     else:
         rows = xa.shape[0]
-        parts = _split(rows, _threads(xa.size, rows))
+        nt = _threads(xa.size, rows)
         inv = np.empty(c)
         _constants_mc(m, v, w, b, eps, cst, inv)
-        pg, ph = np.zeros((len(parts), c)), np.zeros((len(parts), c))
-        if sums:
-            _parallel(_grad_sums_mc, [(xa, dya, ya, elu, cst, sv, pg[t], ph[t], lo, hi)
-                                      for t, (lo, hi) in enumerate(parts)])
-        _grad_coefs_mc(pg, ph, w, inv, rows, train, cst, dw, db)
-        _parallel(_dx_mc, [(xa, dya, ya, dxa, elu, cst, sv, lo, hi) for lo, hi in parts])
+        pg, ph = np.zeros((nt, c)), np.zeros((nt, c))
+        if _team(*vecs.values()):
+            blk = _block({**vecs, "p1": pg, "p2": ph, "inv": inv}, (rows, c, nt), flags, eps)
+            _launch("backward_mc", blk, nt, xa.dtype)
+        else:
+            parts = _split(rows, nt)
+            if sums:
+                _parallel(_grad_sums_mc, [(xa, dya, ya, elu, cst, sv, pg[t], ph[t], lo, hi)
+                                          for t, (lo, hi) in enumerate(parts)])
+            _grad_coefs_mc(pg, ph, w, inv, rows, train, cst, dw, db)
+            _parallel(_dx_mc, [(xa, dya, ya, dxa, elu, cst, sv, lo, hi) for lo, hi in parts])
     dweight = None if weight is None else torch.from_numpy(dw).to(weight.dtype)
     dbias = None if bias is None else torch.from_numpy(db).to(bias.dtype)
     return dx, dweight, dbias
