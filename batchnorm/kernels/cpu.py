@@ -110,6 +110,7 @@ from __future__ import annotations
 import concurrent.futures
 import math
 import os
+import struct
 import threading
 
 import numpy as np
@@ -450,9 +451,9 @@ def _dx_mc(x, dy, y, dx, elu, cst, sv, r0, r1):
 # below; thread t of nt takes channels [t·C/nt, (t+1)·C/nt) or rows [t·M/nt, (t+1)·M/nt) — the
 # same split as the Python thread pool, so both give identical results for the same thread count.
 # =============================================================================================
-_BLOCK = 23
+_BLOCK = 22
 (_B_N, _B_C, _B_L, _B_TRAIN, _B_SUMS, _B_ELU, _B_EPS, _B_X, _B_Y, _B_DY, _B_DX, _B_MEAN, _B_VAR,
- _B_W, _B_B, _B_CST, _B_SV, _B_DW, _B_DB, _B_P1, _B_P2, _B_K, _B_INV) = range(_BLOCK)
+ _B_W, _B_B, _B_CST, _B_SV, _B_DW, _B_DB, _B_P1, _B_P2, _B_INV) = range(_BLOCK)
 # sizes: (N, C, L) kernels  N, C, L;  (M, C) kernels  N = M, C, L = rows of the partial-sum tables
 
 
@@ -501,8 +502,8 @@ def _team_forward_mc_body(blk, dt):
     M, C, S = blk[_B_N], blk[_B_C], blk[_B_L]
     t, r0, r1 = _part(M)
     f64 = np.float64
-    x, k, cst, sv = _at(blk, _B_X, (M, C), dt), _at(blk, _B_K, C, dt), _at(blk, _B_CST, (6, C), dt), \
-        _at(blk, _B_SV, 4, dt)
+    x, cst, sv = _at(blk, _B_X, (M, C), dt), _at(blk, _B_CST, (6, C), dt), _at(blk, _B_SV, 4, dt)
+    k = x[0]  # the shift: each channel's first value
     p1, p2 = _at(blk, _B_P1, (S, C), f64), _at(blk, _B_P2, (S, C), f64)  # zeroed, one row per member
     mean, var = _at(blk, _B_MEAN, C, f64), _at(blk, _B_VAR, C, f64)
     train = blk[_B_TRAIN] != 0
@@ -520,7 +521,7 @@ def _team_forward_mc_body(blk, dt):
 
 @nb.njit(**_STRICT)
 def _team_backward_mc_body(blk, dt):
-    """(constants set by the caller) g, h' → barrier → member 0 merges, sets q, r → barrier → dx."""
+    """Member 0 sets the constants → barrier → g, h' → barrier → member 0 merges, sets q, r → barrier → dx."""
     M, C, S = blk[_B_N], blk[_B_C], blk[_B_L]
     t, r0, r1 = _part(M)
     f64 = np.float64
@@ -528,6 +529,10 @@ def _team_backward_mc_body(blk, dt):
     cst, sv = _at(blk, _B_CST, (6, C), dt), _at(blk, _B_SV, 4, dt)
     pg, ph = _at(blk, _B_P1, (S, C), f64), _at(blk, _B_P2, (S, C), f64)
     elu = blk[_B_ELU] != 0
+    if t == 0:
+        _constants_mc(_at(blk, _B_MEAN, C, f64), _at(blk, _B_VAR, C, f64), _at(blk, _B_W, C, f64),
+                      _at(blk, _B_B, C, f64), blk.view(f64)[_B_EPS], cst, _at(blk, _B_INV, C, f64))
+    _omp.barrier()
     if blk[_B_SUMS] != 0:
         _grad_sums_mc(x, dy, y, elu, cst, sv, pg[t], ph[t], r0, r1)
         _omp.barrier()
@@ -591,20 +596,21 @@ def _team_address(op: str, dtype: np.dtype) -> int:
     return addr
 
 
-def _block(arrays: dict[str, np.ndarray], sizes: tuple[int, int, int], flags: dict[str, bool],
-           eps: float) -> np.ndarray:
-    """The int64 argument block of a team task (see the layout above)."""
-    blk = np.zeros(_BLOCK, dtype=np.int64)
-    blk[_B_N], blk[_B_C], blk[_B_L] = sizes
-    blk[_B_TRAIN], blk[_B_SUMS], blk[_B_ELU] = flags.get("train", False), flags.get("sums", False), \
-        flags.get("elu", False)
-    blk.view(np.float64)[_B_EPS] = eps
-    slots = {"x": _B_X, "y": _B_Y, "dy": _B_DY, "dx": _B_DX, "mean": _B_MEAN, "var": _B_VAR, "w": _B_W,
-             "b": _B_B, "cst": _B_CST, "sv": _B_SV, "dw": _B_DW, "db": _B_DB, "p1": _B_P1, "p2": _B_P2,
-             "k": _B_K, "inv": _B_INV}
-    for key, a in arrays.items():
-        blk[slots[key]] = a.ctypes.data
-    return blk
+_SLOTS = {"x": _B_X, "y": _B_Y, "dy": _B_DY, "dx": _B_DX, "mean": _B_MEAN, "var": _B_VAR, "w": _B_W,
+          "b": _B_B, "cst": _B_CST, "sv": _B_SV, "dw": _B_DW, "db": _B_DB, "p1": _B_P1, "p2": _B_P2,
+          "inv": _B_INV}
+
+
+def _block(arrays: dict[str, torch.Tensor], sizes: tuple[int, ...], flags: tuple[bool, bool, bool],
+           eps: float) -> torch.Tensor:
+    """The int64 argument block of a team task (see the layout above); ``flags`` = (train, sums, elu)."""
+    vals = [0] * _BLOCK
+    vals[_B_N], vals[_B_C], vals[_B_L] = sizes
+    vals[_B_TRAIN], vals[_B_SUMS], vals[_B_ELU] = (int(f) for f in flags)
+    vals[_B_EPS] = struct.unpack("<q", struct.pack("<d", eps))[0]  # the float64's bits
+    for key, t in arrays.items():
+        vals[_SLOTS[key]] = t.data_ptr()
+    return torch.tensor(vals, dtype=torch.int64)
 
 
 # =============================================================================================
@@ -687,18 +693,15 @@ def _np(t: torch.Tensor, plan) -> np.ndarray:
     return t.view(shape).numpy()
 
 
-def _like(src: torch.Tensor, x: torch.Tensor, plan) -> torch.Tensor:
-    """``src`` in x's dtype and dense memory layout (a copy only if it is not already).
+def _like(src: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``src`` in x's dtype and (dense) memory layout (a copy only if it is not already).
 
     Gradients often arrive expanded (``y.sum().backward()`` gives a zero-stride dy): such a view
     is not dense, is copied, and so never costs a separate compilation for strided arrays.
     """
-    if src.dtype == x.dtype and src.shape == x.shape:
-        try:
-            if _np(src, plan).flags.c_contiguous:
-                return src
-        except RuntimeError:  # not viewable in the kernel's shape
-            pass
+    src = src.detach()
+    if src.dtype == x.dtype and src.shape == x.shape and src.stride() == x.stride():
+        return src
     return _empty_like(x).copy_(src)
 
 
@@ -706,16 +709,27 @@ def _empty_like(x: torch.Tensor) -> torch.Tensor:
     return _pool.empty_like(x)
 
 
-def _vec(t: torch.Tensor | None, c: int, fill: float) -> np.ndarray:
+def _vec(t: torch.Tensor | None, c: int, fill: float) -> torch.Tensor:
+    """γ, β or statistics as a contiguous float64 (C,) tensor (no copy if already one; never written)."""
     if t is None:
-        return np.full(c, fill)
-    return np.ascontiguousarray(t.detach().to(torch.float64).reshape(c).numpy())
+        return torch.full((c,), fill, dtype=torch.float64)
+    t = t.detach().reshape(c)
+    if t.dtype != torch.float64 or not t.is_contiguous():
+        t = t.to(torch.float64).contiguous()
+    return t
 
 
-def _consts(dtype, c: int, act: str, slope: float) -> tuple[np.ndarray, np.ndarray, bool]:
+_SV_CACHE: dict[tuple, torch.Tensor] = {}
+
+
+def _consts(dtype, c: int, act: str, slope: float) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """The kernels' per-channel constant table and scalar vector (in the input dtype), and the ELU flag."""
-    neg = {"identity": 1.0, "relu": 0.0, "leaky_relu": slope, "elu": 0.0}[act]
-    return np.empty((6, c), dtype=dtype), np.array([0.0, 1.0, neg, slope], dtype=dtype), act == "elu"
+    key = (dtype, act, float(slope))
+    sv = _SV_CACHE.get(key)
+    if sv is None:  # (read-only for the kernels; a few entries per model)
+        neg = {"identity": 1.0, "relu": 0.0, "leaky_relu": slope, "elu": 0.0}[act]
+        sv = _SV_CACHE.setdefault(key, torch.tensor([0.0, 1.0, neg, slope], dtype=dtype))
+    return torch.empty((6, c), dtype=dtype), sv, act == "elu"
 
 
 def supports(x: torch.Tensor, channel_axis: int, act: str) -> bool:
@@ -729,46 +743,46 @@ def supports(x: torch.Tensor, channel_axis: int, act: str) -> bool:
             and _plan(x, channel_axis % x.ndim) is not None)
 
 
-def _team(*arrays: np.ndarray) -> bool:
-    """Run on torch's OpenMP team (see :mod:`batchnorm.kernels._omp`) rather than the Python pool?"""
-    return bool(_omp.runtime()) and all(a.flags.c_contiguous for a in arrays)
+def _launch(op: str, arrays: dict[str, torch.Tensor], sizes: tuple[int, ...], flags: tuple[bool, bool, bool],
+            eps: float, threads: int) -> None:
+    """One team task: ``op`` over ``arrays`` (all dense, in x's memory order) on ``threads`` threads."""
+    blk = _block(arrays, sizes, flags, eps)
+    f64 = arrays["x"].dtype == torch.float64
+    _omp.run(_team_address(op, np.dtype(np.float64 if f64 else np.float32)), blk.data_ptr(), threads)
 
 
-def _launch(op: str, blk: np.ndarray, threads: int, dtype: np.dtype) -> None:
-    _omp.run(_team_address(op, dtype), blk.ctypes.data, threads)
-
-
-def _forward(x, mean_np, var_np, weight, bias, eps, axis, act, slope, train):
+def _forward(x, mean, var, weight, bias, eps, axis, act, slope, train):
+    """y = act(BN(x)); writes the batch statistics into the float64 ``mean``/``var`` when ``train``."""
     plan = _plan(x, axis)
+    kind, _, shape = plan
     c = x.shape[axis]
     y = _empty_like(x)
-    xa, ya = _np(x, plan), _np(y, plan)
     w, b = _vec(weight, c, 1.0), _vec(bias, c, 0.0)
-    cst, sv, elu = _consts(xa.dtype, c, act, slope)
+    cst, sv, elu = _consts(x.dtype, c, act, slope)
     eps = float(eps)
-    vecs = {"x": xa, "y": ya, "mean": mean_np, "var": var_np, "w": w, "b": b, "cst": cst, "sv": sv}
-    flags = {"train": train, "elu": elu}
-    if plan[0] == "ncl":
-        nt = _threads(xa.size, c)
-        if _team(*vecs.values()):
-            _launch("forward_ncl", _block(vecs, xa.shape, flags, eps), nt, xa.dtype)
-            return y
-        _parallel(_forward_ncl, [(xa, ya, mean_np, var_np, w, b, eps, train, elu, cst, sv, lo, hi)
+    nt = _threads(x.numel(), c if kind == "ncl" else shape[0])
+    p1, p2 = (torch.zeros((nt, c), dtype=torch.float64) for _ in range(2)) if kind == "mc" else (None, None)
+    if _omp.runtime():
+        arrays = {"x": x, "y": y, "mean": mean, "var": var, "w": w, "b": b, "cst": cst, "sv": sv}
+        if kind == "ncl":
+            _launch("forward_ncl", arrays, shape, (train, False, elu), eps, nt)
+        else:
+            arrays.update(p1=p1, p2=p2, inv=torch.empty(c, dtype=torch.float64))
+            _launch("forward_mc", arrays, (*shape, nt), (train, False, elu), eps, nt)
+        return y
+    # the Python thread pool (no OpenMP team to share): the same kernels on numpy views
+    xa, ya = _np(x, plan), _np(y, plan)
+    m, v, w, b, cst, sv = (t.numpy() for t in (mean, var, w, b, cst, sv))
+    if kind == "ncl":
+        _parallel(_forward_ncl, [(xa, ya, m, v, w, b, eps, train, elu, cst, sv, lo, hi)
                                  for lo, hi in _split(c, nt)])
         return y
-    rows = xa.shape[0]
-    nt = _threads(xa.size, rows)
-    k = xa[0].copy()
-    p1, p2, inv = np.zeros((nt, c)), np.zeros((nt, c)), np.empty(c)
-    if _team(*vecs.values()):
-        blk = _block({**vecs, "k": k, "p1": p1, "p2": p2, "inv": inv}, (rows, c, nt), flags, eps)
-        _launch("forward_mc", blk, nt, xa.dtype)
-        return y
-    parts = _split(rows, nt)
+    parts = _split(shape[0], nt)
+    p1, p2 = p1.numpy(), p2.numpy()
     if train:
-        _parallel(_sums_mc, [(xa, k, p1[t], p2[t], sv, lo, hi) for t, (lo, hi) in enumerate(parts)])
-        _stats_mc(xa, k, p1, p2, mean_np, var_np)
-    _constants_mc(mean_np, var_np, w, b, eps, cst, inv)
+        _parallel(_sums_mc, [(xa, xa[0], p1[t], p2[t], sv, lo, hi) for t, (lo, hi) in enumerate(parts)])
+        _stats_mc(xa, xa[0], p1, p2, m, v)
+    _constants_mc(m, v, w, b, eps, cst, np.empty(c))
     _parallel(_apply_mc, [(xa, ya, elu, cst, sv, lo, hi) for lo, hi in parts])
     return y
 
@@ -778,7 +792,7 @@ def train_forward(x, weight, bias, eps, channel_axis, act, slope):
     c = x.shape[channel_axis]
     mean = torch.empty(c, dtype=torch.float64)
     var = torch.empty(c, dtype=torch.float64)
-    y = _forward(x, mean.numpy(), var.numpy(), weight, bias, eps, channel_axis, act, slope, True)
+    y = _forward(x, mean, var, weight, bias, eps, channel_axis, act, slope, True)
     return y, mean, var
 
 
@@ -791,51 +805,51 @@ def eval_forward(x, mean, var, weight, bias, eps, channel_axis, act, slope):
 
 def _backward(dy, x, y, weight, bias, mean, var, eps, axis, act, slope, train):
     plan = _plan(x, axis)
+    kind, _, shape = plan
     c = x.shape[axis]
-    dy = _like(dy, x, plan)
+    dy = _like(dy, x)
     if act == "elu":
         if y is None:  # ELU's derivative is read from its output; recompute it if not given
             y = eval_forward(x, mean, var, weight, bias, eps, axis, act, slope)
-        y = _like(y, x, plan)
+        y = _like(y, x)
     else:
         y = x  # not read; same array type keeps a single compiled specialisation
     dx = _empty_like(x)
-    xa, dya, ya, dxa = _np(x, plan), _np(dy, plan), _np(y, plan), _np(dx, plan)
     w, b = _vec(weight, c, 1.0), _vec(bias, c, 0.0)
     m, v = _vec(mean, c, 0.0), _vec(var, c, 1.0)
-    dw = np.empty(c)
-    db = np.empty(c)
+    dw = torch.empty(c, dtype=torch.float64)
+    db = torch.empty(c, dtype=torch.float64)
     sums = train or weight is not None or bias is not None
-    cst, sv, elu = _consts(xa.dtype, c, act, slope)
+    cst, sv, elu = _consts(x.dtype, c, act, slope)
     eps = float(eps)
-    vecs = {"x": xa, "dy": dya, "y": ya, "dx": dxa, "mean": m, "var": v, "w": w, "b": b, "cst": cst, "sv": sv,
-            "dw": dw, "db": db}
-    flags = {"train": train, "sums": sums, "elu": elu}
-    if plan[0] == "ncl":
-        nt = _threads(xa.size, c)
-        if _team(*vecs.values()):
-            _launch("backward_ncl", _block(vecs, xa.shape, flags, eps), nt, xa.dtype)
-        else:
-            args = (xa, dya, ya, dxa, m, v, w, b, eps, train, sums, elu, cst, sv, dw, db)
+    nt = _threads(x.numel(), c if kind == "ncl" else shape[0])
+    arrays = {"x": x, "dy": dy, "y": y, "dx": dx, "mean": m, "var": v, "w": w, "b": b, "cst": cst, "sv": sv,
+              "dw": dw, "db": db}
+    if kind == "mc":
+        f64 = torch.float64
+        arrays.update(p1=torch.zeros((nt, c), dtype=f64), p2=torch.zeros((nt, c), dtype=f64),
+                      inv=torch.empty(c, dtype=f64))
+    if _omp.runtime():
+        sizes = shape if kind == "ncl" else (*shape, nt)
+        _launch("backward_" + kind, arrays, sizes, (train, sums, elu), eps, nt)
+    else:  # the Python thread pool
+        xa, dya, ya, dxa = (_np(arrays[k], plan) for k in ("x", "dy", "y", "dx"))
+        names = ("mean", "var", "w", "b", "cst", "sv", "dw", "db")
+        m_, v_, w_, b_, cst_, sv_, dw_, db_ = (arrays[k].numpy() for k in names)
+        if kind == "ncl":
+            args = (xa, dya, ya, dxa, m_, v_, w_, b_, eps, train, sums, elu, cst_, sv_, dw_, db_)
             _parallel(_backward_ncl, [(*args, lo, hi) for lo, hi in _split(c, nt)])
-    else:
-        rows = xa.shape[0]
-        nt = _threads(xa.size, rows)
-        inv = np.empty(c)
-        _constants_mc(m, v, w, b, eps, cst, inv)
-        pg, ph = np.zeros((nt, c)), np.zeros((nt, c))
-        if _team(*vecs.values()):
-            blk = _block({**vecs, "p1": pg, "p2": ph, "inv": inv}, (rows, c, nt), flags, eps)
-            _launch("backward_mc", blk, nt, xa.dtype)
         else:
-            parts = _split(rows, nt)
+            pg, ph, inv = arrays["p1"].numpy(), arrays["p2"].numpy(), arrays["inv"].numpy()
+            _constants_mc(m_, v_, w_, b_, eps, cst_, inv)
+            parts = _split(shape[0], nt)
             if sums:
-                _parallel(_grad_sums_mc, [(xa, dya, ya, elu, cst, sv, pg[t], ph[t], lo, hi)
+                _parallel(_grad_sums_mc, [(xa, dya, ya, elu, cst_, sv_, pg[t], ph[t], lo, hi)
                                           for t, (lo, hi) in enumerate(parts)])
-            _grad_coefs_mc(pg, ph, w, inv, rows, train, cst, dw, db)
-            _parallel(_dx_mc, [(xa, dya, ya, dxa, elu, cst, sv, lo, hi) for lo, hi in parts])
-    dweight = None if weight is None else torch.from_numpy(dw).to(weight.dtype)
-    dbias = None if bias is None else torch.from_numpy(db).to(bias.dtype)
+            _grad_coefs_mc(pg, ph, w_, inv, shape[0], train, cst_, dw_, db_)
+            _parallel(_dx_mc, [(xa, dya, ya, dxa, elu, cst_, sv_, lo, hi) for lo, hi in parts])
+    dweight = None if weight is None else dw.to(weight.dtype)
+    dbias = None if bias is None else db.to(bias.dtype)
     return dx, dweight, dbias
 
 
