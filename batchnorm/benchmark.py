@@ -41,7 +41,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import os
@@ -212,8 +211,11 @@ def run(cases: Sequence[tuple[tuple[int, ...], str]], reps: int = 9, warmup: int
     try:
         import numba
 
+        from .kernels import _omp
+
         meta["numba"] = numba.__version__
-        meta["numba_threading_layer"] = numba.config.THREADING_LAYER  # replaced after the runs
+        # where the kernels' threads come from: torch's OpenMP team (its runtime library) or our pool
+        meta["kernel_threads"] = _omp.runtime() or "Python thread pool"
         meta["numba_cache_dir"] = os.environ.get("NUMBA_CACHE_DIR", "")
     except ImportError:
         meta["numba"] = None
@@ -221,11 +223,6 @@ def run(cases: Sequence[tuple[tuple[int, ...], str]], reps: int = 9, warmup: int
     for shape, layout in cases:
         rows += _case(shape, layout, reps, warmup)
     meta["pool"] = _pool.stats()
-    if meta.get("numba"):
-        import numba
-
-        with contextlib.suppress(ValueError):  # (ValueError: no parallel kernel ran)
-            meta["numba_threading_layer"] = numba.threading_layer()
     return {"meta": meta, "rows": rows}
 
 
@@ -265,7 +262,7 @@ def _print_table(result: dict[str, Any], quick: bool) -> None:
     console.print("goals: speed-up over native (≥1× everywhere; fwd+bwd ≥4× conv, ≥1.5× (N, C); eval ≥3× "
                   "conv) and, for conv shapes, train fwd and bwd ≥ 50 % of the bandwidth bound")
     firsts = [r["first_call_s"] for r in result["rows"] if r["first_call_s"] is not None]
-    console.print(f"numba {meta.get('numba')} (threading layer {meta.get('numba_threading_layer')}), "
+    console.print(f"numba {meta.get('numba')}, threads from {meta.get('kernel_threads')}, "
                   f"cache {meta.get('numba_cache_dir') or '(default)'}; first call of each of our passes "
                   f"(compile or cache load) max {max(firsts, default=0):.2f} s, total {sum(firsts):.2f} s")
     console.print(f"output pool: {meta['pool']}")
