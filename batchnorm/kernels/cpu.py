@@ -449,7 +449,9 @@ def _dx_mc(x, dy, y, dx, elu, cst, sv, r0, r1):
 # batchnorm.kernels._omp for why). Each is compiled (lazily) into a C callback ``fn(block)``: the
 # block is an int64 array holding sizes, flags, eps and the addresses of the arrays, laid out as
 # below; thread t of nt takes channels [t·C/nt, (t+1)·C/nt) or rows [t·M/nt, (t+1)·M/nt) — the
-# same split as the Python thread pool, so both give identical results for the same thread count.
+# same split as the Python thread pool, so for the same thread count both give the same sums (and
+# elementwise results equal to the last bit, or within one rounding where a multiply-add was fused
+# differently).
 # =============================================================================================
 _BLOCK = 22
 (_B_N, _B_C, _B_L, _B_TRAIN, _B_SUMS, _B_ELU, _B_EPS, _B_X, _B_Y, _B_DY, _B_DX, _B_MEAN, _B_VAR,
@@ -614,9 +616,9 @@ def _block(arrays: dict[str, torch.Tensor], sizes: tuple[int, ...], flags: tuple
 
 
 # =============================================================================================
-# Threads: the kernels are compiled with nogil=True; a call is split into disjoint channel ranges
-# ((N, C, L)) or row blocks ((M, C)) that run on a small thread pool, one part on the calling
-# thread. (numba's own parallel=True/prange would do the same but takes 2-3x longer to compile.)
+# The fallback runner (no OpenMP team to share, see _omp.runtime): the kernels are compiled with
+# nogil=True; a call is split into disjoint channel ranges ((N, C, L)) or row blocks ((M, C)) that run
+# on a small Python thread pool, one part on the calling thread.
 # =============================================================================================
 _MIN_PER_THREAD = 1 << 15  # elements: below this a second thread costs more than it saves
 _executor: concurrent.futures.ThreadPoolExecutor | None = None
