@@ -17,6 +17,9 @@ Backends here:
 * ``"numba"`` (:mod:`batchnorm.kernels.cpu`) — fused CPU kernels for float32/float64 tensors that
   are contiguous (NCHW, NCDHW, (N, C), (N, C, L), channels on any axis) or channels-last
   (NHWC/NDHWC memory), every activation. Imported (with numba) and compiled on first use only.
+  Its threads are torch's own OpenMP team where torch has one (``batchnorm.kernels._omp.runtime()``
+  names the runtime library; ``""`` means a small Python thread pool, as on macOS/Windows builds,
+  in a forked child, or with ``BATCHNORM_OMP=0``).
 * ``"torch"`` — everything else: CUDA and other devices, float16/bfloat16, non-contiguous inputs
   (e.g. a strided slice), tensor subclasses; also where numba is not installed.
 
