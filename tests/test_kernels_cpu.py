@@ -457,3 +457,14 @@ def test_non_contiguous_parameters_and_statistics_are_read_correctly(runner):
     ye = cpu.eval_forward(x, rm, rv, w, b, 1e-5, 1, "relu", 0.0)
     assert_close(ye, R.forward_eval(_np(x), _np(rm), _np(rv), _np(w), _np(b), 1e-5, 1, "relu", 0.0),
                  rtol=1e-10, atol=1e-10, what="eval y")
+
+
+@pytest.mark.parametrize("paths,expected", [
+    (["/t/lib/libgomp.so.1", "/usr/lib/libgomp.so.1.0.0"], "/t/lib/libgomp.so.1"),  # torch's own wins
+    (["/usr/lib/libgomp.so.1.0.0", "/usr/lib/libc.so.6"], "/usr/lib/libgomp.so.1.0.0"),  # the only one
+    (["/usr/lib/libgomp.so.1", "/opt/intel/libiomp5.so"], ""),  # several, none torch's: do not guess
+    (["/usr/lib/libc.so.6", "/t/lib/libtorch_cpu.so"], ""),  # no OpenMP runtime loaded
+    (["/t/library/libomp.dylib.txt"], ""),  # not a shared object
+])
+def test_openmp_runtime_choice(paths, expected):
+    assert _omp._pick(paths, "/t") == expected

@@ -90,12 +90,17 @@ def _find() -> str:
             paths = {line.split(None, 5)[-1].strip() for line in f if "/" in line}
     except OSError:  # not Linux
         return ""
+    return _pick(paths, os.path.dirname(torch.__file__))
+
+
+def _pick(paths, torch_dir: str) -> str:
+    """Among loaded files, the one OpenMP runtime to use: torch's own if it ships one, else the only
+    one loaded; "" when there is none or several and none of them torch's (do not guess)."""
     found = sorted(p for p in paths if os.path.basename(p).startswith(_NAMES) and ".so" in p)
-    torch_dir = os.path.dirname(torch.__file__)
-    own = [p for p in found if p.startswith(torch_dir)]
+    own = [p for p in found if p.startswith(torch_dir + os.sep)]
     if len(own) == 1:
         return own[0]
-    return found[0] if len(found) == 1 else ""  # several runtimes and none torch's: do not guess
+    return found[0] if len(found) == 1 else ""
 
 
 def runtime() -> str:
