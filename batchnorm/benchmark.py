@@ -270,7 +270,9 @@ def _print_table(result: dict[str, Any], quick: bool) -> None:
     worst = {k: max(r[k] for r in rows) for k in ("err_y_ours", "err_dx_ours", "err_y_torch", "err_dx_torch")}
     console.print("error vs a float64 computation, max |Δ| / max |ref| over all cases: "
                   f"ours y {worst['err_y_ours']:.1e}, dx {worst['err_dx_ours']:.1e}; "
-                  f"torch y {worst['err_y_torch']:.1e}, dx {worst['err_dx_torch']:.1e}")
+                  f"torch y {worst['err_y_torch']:.1e}, dx {worst['err_dx_torch']:.1e} (a dx error near 1 is "
+                  "an element whose pre-activation rounded to the other side of ReLU's kink: it gets the "
+                  "whole gradient or none)")
     if quick:
         console.print("[yellow]--quick: tiny shapes and few runs; the times say nothing about speed[/]")
 
