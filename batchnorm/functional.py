@@ -182,6 +182,43 @@ def update_running_stats(
     return RunningStats(new_mean, new_var, nbt)
 
 
+def _check_train_args(op, x, axis, running_mean, running_var, weight, bias, *, eps, momentum, activation,
+                      negative_slope, nonfinite, num_batches_tracked, check_act=check_activation):
+    """The argument checks every training op shares (after ``check_input``); raises before any state
+    changes. Returns ``(eps, momentum, act, slope, nonfinite)`` normalised."""
+    c = x.shape[axis]
+    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
+                    ("running_var", running_var)):
+        check_channel_tensor(op, name, t, c, x=x)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{op}: give both running_mean and running_var, or neither")
+    eps = check_eps(op, eps)
+    momentum = check_momentum(op, momentum)
+    act, slope = check_act(op, activation, negative_slope)
+    nonfinite = check_nonfinite(op, nonfinite)
+    if momentum is None and running_mean is not None and num_batches_tracked is None:
+        raise ValueError(f"{op}: momentum=None (cumulative average) needs num_batches_tracked; pass the "
+                         f"count of batches seen so far (torch.tensor(0) at the start)")
+    return eps, momentum, act, slope, nonfinite
+
+
+def _skip_nonfinite(op: str, nonfinite: str, mean: torch.Tensor, var: torch.Tensor, *,
+                    subject: str = "this batch's statistics",
+                    cause: str = "the input holds non-finite values", note: str = "") -> bool:
+    """The ``nonfinite`` policy for the running statistics, shared by every training path.
+
+    False: update them ("update", or the statistics are finite). True: leave them and the batch
+    count as they are ("skip"). "raise": FloatingPointError naming ``subject`` and ``cause``.
+    """
+    if nonfinite == "update" or bool(torch.isfinite(mean).all() & torch.isfinite(var).all()):
+        return False
+    if nonfinite == "raise":
+        raise FloatingPointError(f"{op}: {subject} contain NaN or Inf ({cause}); running statistics "
+                                 f"were left unchanged{note}. Check the data/learning rate, or use "
+                                 f"nonfinite='skip' to ignore such batches")
+    return True
+
+
 def batch_norm_train(
     x: torch.Tensor,
     running_mean: torch.Tensor | None = None,
@@ -224,30 +261,14 @@ def batch_norm_train(
     op = "batchnorm.batch_norm_train"
     x, axis = check_input(op, x, channel_axis=channel_axis, training=True)
     c = x.shape[axis]
-    channel_tensors = (("weight", weight), ("bias", bias), ("running_mean", running_mean),
-                       ("running_var", running_var))
-    for name, t in channel_tensors:
-        check_channel_tensor(op, name, t, c, x=x)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError(f"{op}: give both running_mean and running_var, or neither")
-    eps = check_eps(op, eps)
-    momentum = check_momentum(op, momentum)
-    act, slope = check_activation(op, activation, negative_slope)
-    nonfinite = check_nonfinite(op, nonfinite)
-    if momentum is None and running_mean is not None and num_batches_tracked is None:
-        raise ValueError(f"{op}: momentum=None (cumulative average) needs num_batches_tracked; pass the "
-                         f"count of batches seen so far (torch.tensor(0) at the start)")
+    eps, momentum, act, slope, nonfinite = _check_train_args(
+        op, x, axis, running_mean, running_var, weight, bias, eps=eps, momentum=momentum,
+        activation=activation, negative_slope=negative_slope, nonfinite=nonfinite,
+        num_batches_tracked=num_batches_tracked)
 
     y, mean, var = train_apply(x, weight, bias, eps, axis, act, slope)  # (custom op under torch.compile)
     old = RunningStats(running_mean, running_var, num_batches_tracked)
-    if running_mean is None:
-        return y, old
-    if nonfinite != "update" and not bool(torch.isfinite(mean).all() & torch.isfinite(var).all()):
-        if nonfinite == "raise":
-            raise FloatingPointError(f"{op}: this batch's statistics contain NaN or Inf (the input holds "
-                                     f"non-finite values); running statistics were left unchanged. Check "
-                                     f"the data/learning rate, or use nonfinite='skip' to ignore such "
-                                     f"batches")
+    if running_mean is None or _skip_nonfinite(op, nonfinite, mean, var):
         return y, old
     n = x.numel() // c
     return y, update_running_stats(running_mean, running_var, mean, var, n, momentum,

@@ -51,16 +51,9 @@ from typing import Any
 
 import torch
 
-from ._checks import (
-    check_activation,
-    check_channel_tensor,
-    check_eps,
-    check_input,
-    check_momentum,
-    check_nonfinite,
-)
+from ._checks import check_input
 from .autograd import train_apply
-from .functional import RunningStats, update_running_stats
+from .functional import RunningStats, _check_train_args, _skip_nonfinite, update_running_stats
 from .modules import _BatchNorm
 from .stats import merge_moments
 
@@ -204,17 +197,10 @@ def ghost_batch_norm_train(
         raise ValueError(f"{op}: channel_axis={channel_axis} is the batch axis; ghost batches split axis 0 "
                          f"(N), so the channels must be on another axis (1 or -1)")
     c = x.shape[axis]
-    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
-                    ("running_var", running_var)):
-        check_channel_tensor(op, name, t, c, x=x)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError(f"{op}: give both running_mean and running_var, or neither")
-    eps = check_eps(op, eps)
-    momentum = check_momentum(op, momentum)
-    act, slope = check_activation(op, activation, negative_slope)
-    nonfinite = check_nonfinite(op, nonfinite)
-    if momentum is None and running_mean is not None and num_batches_tracked is None:
-        raise ValueError(f"{op}: momentum=None (cumulative average) needs num_batches_tracked")
+    eps, momentum, act, slope, nonfinite = _check_train_args(
+        op, x, axis, running_mean, running_var, weight, bias, eps=eps, momentum=momentum,
+        activation=activation, negative_slope=negative_slope, nonfinite=nonfinite,
+        num_batches_tracked=num_batches_tracked)
     sizes = ghost_batch_sizes(x.shape[0], g, remainder)
     per_sample = x.numel() // (x.shape[0] * c)
     if min(sizes) * per_sample < 2:
@@ -247,12 +233,7 @@ def ghost_batch_norm_train(
     if running_mean is None:
         return y, old
     mean_k, var_k = torch.cat(means), torch.cat(vars_)
-    if nonfinite != "update" and not bool(torch.isfinite(mean_k).all() & torch.isfinite(var_k).all()):
-        if nonfinite == "raise":
-            raise FloatingPointError(f"{op}: a ghost batch's statistics contain NaN or Inf (the input "
-                                     f"holds non-finite values); running statistics were left unchanged. "
-                                     f"Check the data/learning rate, or use nonfinite='skip' to ignore "
-                                     f"such batches")
+    if _skip_nonfinite(op, nonfinite, mean_k, var_k, subject="a ghost batch's statistics"):
         return y, old
     return y, _update(running_mean, running_var, mean_k, var_k, counts, momentum, num_batches_tracked,
                       running_var_unbiased, stats_update)

@@ -102,10 +102,8 @@ from ._checks import (
     check_channel_tensor,
     check_eps,
     check_input,
-    check_momentum,
-    check_nonfinite,
 )
-from .functional import RunningStats, update_running_stats
+from .functional import RunningStats, _check_train_args, _skip_nonfinite, update_running_stats
 from .kernels.torch_backend import act_grad_from_output
 from .modules import _BatchNorm
 from .stats import acc_dtype, batch_moments, reduce_dims
@@ -477,18 +475,11 @@ def _train(op, x, running_mean, running_var, weight, bias, *, momentum, eps, num
            channel_axis, activation, negative_slope, running_var_unbiased, nonfinite, inplace, eps_gamma):
     x, axis = check_input(op, x, channel_axis=channel_axis, training=True)
     c = x.shape[axis]
-    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
-                    ("running_var", running_var)):
-        check_channel_tensor(op, name, t, c, x=x)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError(f"{op}: give both running_mean and running_var, or neither")
-    eps = check_eps(op, eps)
-    momentum = check_momentum(op, momentum)
-    act, slope = _check_invertible(op, activation, negative_slope)
-    nonfinite = check_nonfinite(op, nonfinite)
+    eps, momentum, act, slope, nonfinite = _check_train_args(
+        op, x, axis, running_mean, running_var, weight, bias, eps=eps, momentum=momentum,
+        activation=activation, negative_slope=negative_slope, nonfinite=nonfinite,
+        num_batches_tracked=num_batches_tracked, check_act=_check_invertible)
     eps_gamma = _check_eps_gamma(op, eps_gamma)
-    if momentum is None and running_mean is not None and num_batches_tracked is None:
-        raise ValueError(f"{op}: momentum=None (cumulative average) needs num_batches_tracked")
     if inplace:
         _check_inplace_target(op, x)
 
@@ -496,14 +487,7 @@ def _train(op, x, running_mean, running_var, weight, bias, *, momentum, eps, num
     y = InPlaceABNTrainFn.apply(x, weight, bias, eps, eps_gamma, axis, act, slope, bool(inplace), stats)
     mean, var = stats
     old = RunningStats(running_mean, running_var, num_batches_tracked)
-    if running_mean is None:
-        return y, old
-    if nonfinite != "update" and not bool(torch.isfinite(mean).all() & torch.isfinite(var).all()):
-        if nonfinite == "raise":
-            raise FloatingPointError(f"{op}: this batch's statistics contain NaN or Inf (the input holds "
-                                     f"non-finite values); running statistics were left unchanged (the "
-                                     f"output was written). Check the data/learning rate, or use "
-                                     f"nonfinite='skip' to ignore such batches")
+    if running_mean is None or _skip_nonfinite(op, nonfinite, mean, var, note=" (the output was written)"):
         return y, old
     return y, update_running_stats(running_mean, running_var, mean, var, x.numel() // c, momentum,
                                    num_batches_tracked, running_var_unbiased)

@@ -322,12 +322,8 @@ class SyncBatchNorm(_BatchNorm):
                            num_features=self.num_features, training=False)
 
     def _update_running_stats(self, op: str, mean: torch.Tensor, var: torch.Tensor, n: int) -> None:
-        if self.nonfinite != "update" and not bool(torch.isfinite(mean).all() & torch.isfinite(var).all()):
-            if self.nonfinite == "raise":
-                raise FloatingPointError(f"{op}: this global batch's statistics contain NaN or Inf (some "
-                                         f"rank's input holds non-finite values); running statistics were "
-                                         f"left unchanged. Check the data/learning rate, or use "
-                                         f"nonfinite='skip'")
+        if F._skip_nonfinite(op, self.nonfinite, mean, var, subject="this global batch's statistics",
+                             cause="some rank's input holds non-finite values"):
             return
         new = F.update_running_stats(self.running_mean, self.running_var, mean, var, n, self.momentum,
                                      self.num_batches_tracked, self.running_var_unbiased)
