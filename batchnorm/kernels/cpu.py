@@ -585,9 +585,10 @@ _team_cfuncs: dict[tuple[str, str], int] = {}
 _team_lock = threading.Lock()
 
 
-def _team_address(op: str, dtype: np.dtype) -> int:
-    """The compiled callback of ``op`` for ``dtype`` (compiled, or loaded from the cache, at first use)."""
-    key = (op, "f64" if dtype == np.float64 else "f32")
+def _team_address(op: str, dtype: str) -> int:
+    """The compiled callback of ``op`` for ``dtype`` ("f32" | "f64"), compiled or loaded from the cache
+    at first use."""
+    key = (op, dtype)
     addr = _team_cfuncs.get(key)
     if addr is None:
         with _team_lock:
@@ -749,8 +750,8 @@ def _launch(op: str, arrays: dict[str, torch.Tensor], sizes: tuple[int, ...], fl
             eps: float, threads: int) -> None:
     """One team task: ``op`` over ``arrays`` (all dense, in x's memory order) on ``threads`` threads."""
     blk = _block(arrays, sizes, flags, eps)
-    f64 = arrays["x"].dtype == torch.float64
-    _omp.run(_team_address(op, np.dtype(np.float64 if f64 else np.float32)), blk.data_ptr(), threads)
+    dtype = "f64" if arrays["x"].dtype == torch.float64 else "f32"
+    _omp.run(_team_address(op, dtype), blk.data_ptr(), threads)
 
 
 def _forward(x, mean, var, weight, bias, eps, axis, act, slope, train):
