@@ -36,6 +36,7 @@ Usage::
     batchnorm bench --quick          # tiny shapes, 3 runs: a smoke test, no meaningful times
     batchnorm bench --json out.json  # also write every figure to a JSON file
     batchnorm bench --alloc          # the allocation measurement
+    batchnorm bench --case 4096x1024 --case 128x64x56x56:nhwc   # only these shapes
 """
 
 from __future__ import annotations
@@ -106,6 +107,8 @@ def _make_input(shape: Sequence[int], layout: str) -> torch.Tensor:
     x = torch.randn(*shape) * 2 + 0.5
     if layout == "nhwc":
         x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "ndhwc":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
     return x
 
 
@@ -364,6 +367,25 @@ def _alloc(shape: tuple[int, ...], reps: int) -> int:
     return 0
 
 
+def _parse_case(text: str) -> tuple[tuple[int, ...], str]:
+    """``"128x64x56x56:nhwc"`` -> ``((128, 64, 56, 56), "nhwc")``; default layout "nc" (2-D) or "nchw"."""
+    shape_text, _, layout = text.strip().lower().partition(":")
+    try:
+        shape = tuple(int(v) for v in shape_text.replace("×", "x").split("x"))
+    except ValueError:
+        shape = ()
+    if not 2 <= len(shape) <= 5 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected a shape of 2 to 5 positive sizes joined by 'x' (e.g. 4096x1024 or "
+            f"32x256x28x28:nhwc), got {text!r}")
+    layout = layout or ("nc" if len(shape) == 2 else "nchw")
+    allowed = {2: ("nc",), 3: ("nchw",), 4: ("nchw", "nhwc"), 5: ("nchw", "ndhwc")}[len(shape)]
+    if layout not in allowed:
+        raise argparse.ArgumentTypeError(
+            f"layout {layout!r} does not fit a {len(shape)}-D shape; use one of {', '.join(allowed)}")
+    return shape, layout
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``batchnorm bench``; returns the process exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -381,6 +403,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch (and numba) threads (default: torch's)")
     p.add_argument("--json", metavar="PATH", default=None, help="also write all figures to this JSON file")
     p.add_argument("--alloc", action="store_true", help="measure output allocation strategies instead")
+    p.add_argument("--case", type=_parse_case, action="append", default=None, metavar="SHAPE[:LAYOUT]",
+                   help="measure only this shape (repeatable), e.g. 4096x1024 or 128x64x56x56:nhwc; layout "
+                        "nc (2-D), nchw (contiguous, default for 3- to 5-D), nhwc (4-D) or ndhwc (5-D)")
     args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.threads is not None:
         if args.threads < 1:
@@ -392,7 +417,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(f"--reps must be >= 1 and --warmup >= 0, got {reps} and {warmup}")
     if args.alloc:
         return _alloc((16, 64, 32, 32) if args.quick else (128, 64, 56, 56), reps)
-    result = run(QUICK_CASES if args.quick else FULL_CASES, reps=reps, warmup=warmup)
+    cases = args.case or (QUICK_CASES if args.quick else FULL_CASES)
+    result = run(cases, reps=reps, warmup=warmup)
     _print_table(result, args.quick)
     if args.json:
         with open(args.json, "w") as f:

@@ -41,7 +41,29 @@ def test_alloc_measurement_quick(capsys):
     assert "pool" in out and "fresh pages" in out and "mallopt" in out
 
 
-@pytest.mark.parametrize("argv", [["--reps", "0"], ["--threads", "0"], ["--nope"]])
+def test_case_option_measures_only_the_given_shapes(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    argv = ["--case", "6x5", "--case", "2x3x4x4:nhwc", "--case", "2x3x2x2x2:ndhwc",
+            "--reps", "1", "--warmup", "0", "--json", str(path)]
+    assert benchmark.main(argv) == 0
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["shape"], r["layout"]) for r in rows[::len(benchmark.PASSES)]] == [
+        ([6, 5], "nc"), ([2, 3, 4, 4], "nhwc"), ([2, 3, 2, 2, 2], "ndhwc")]
+    assert all(r["backend"] == "numba" and r["err_y_ours"] < 1e-5 for r in rows)
+    assert "2×3×4×4" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("text,layout", [("4096x1024", "nc"), ("32X256x28x28", "nchw"), ("8×4×5", "nchw"),
+                                         ("2x3x4x5:NHWC", "nhwc")])
+def test_case_parsing(text, layout):
+    shape, got = benchmark._parse_case(text)
+    assert got == layout and len(shape) == len(text.split(":")[0].replace("×", "x").lower().split("x"))
+
+
+@pytest.mark.parametrize("argv", [["--reps", "0"], ["--threads", "0"], ["--nope"], ["--case", "4096"],
+                                  ["--case", "4xa"], ["--case", "0x3"], ["--case", "2x3x4x5x6x7"],
+                                  ["--case", "4x5:nhwc"], ["--case", "2x3x4:nhwc"],
+                                  ["--case", "2x3x4x5:ndhwc"]])
 def test_bad_arguments_exit_with_a_usage_error(argv, capsys):
     with pytest.raises(SystemExit) as e:
         benchmark.main(argv)

@@ -123,6 +123,76 @@ def test_every_kernel_matches_the_oracle(dtype, layout, act, slope, runner):
     assert_close(dbe, ref_dbe, rtol=rtol, atol=atol * np.abs(ref_dbe).max(), what="eval dbias")
 
 
+# (M, C) inputs long enough for the lane path of the sums (R rows at a time as R·C lanes, four groups
+# per update, blocks of 16 groups): on two threads each thread's rows make whole blocks, a few groups
+# outside the four-group unroll, and a tail of rows after the last whole group.
+LANE_CASES = {"nc": ((1776, 40), None), "nhwc_memory": ((12, 40, 12, 12), torch.channels_last)}
+
+
+def _lane_input(case, dtype, mean=0.5, std=2.0):
+    shape, fmt = LANE_CASES[case]
+    x = (torch.randn(shape, dtype=torch.float64) * std + mean).to(dtype)
+    if fmt is not None:
+        x = x.contiguous(memory_format=fmt)
+    c = shape[1]
+    rows = x.numel() // c
+    r = max(1, cpu._LANES // c)
+    per_thread = rows // 2
+    groups = per_thread // r
+    assert groups > 32 and groups % 16 % 4 and per_thread % r, "the case must reach every lane-sum branch"
+    return x
+
+
+@pytest.fixture
+def two_threads():
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("act,slope", ACTS, ids=[a for a, _ in ACTS])
+@pytest.mark.parametrize("case", list(LANE_CASES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_lane_sums_of_long_channels_last_inputs_match_the_oracle(dtype, case, act, slope, runner,
+                                                                 two_threads):
+    x = _lane_input(case, dtype)
+    c = x.shape[1]
+    assert cpu._threads(x.numel(), x.numel() // c) == 2, "the case must run on two threads"
+    w, b = _affine(c, dtype)
+    rtol, atol = _tol(dtype)
+    stat_tol = 1e-6 if dtype == torch.float32 else 1e-12
+    y, mean, var = cpu.train_forward(x, w, b, 1e-5, 1, act, slope)
+    ref_y, ref_m, ref_v = R.forward_train(_np(x), _np(w), _np(b), 1e-5, 1, act, slope)
+    assert_close(mean, ref_m, rtol=stat_tol, atol=stat_tol * np.sqrt(ref_v.max()), what="batch mean")
+    assert_close(var, ref_v, rtol=10 * stat_tol, atol=0, what="batch var")
+    assert_close(y, ref_y, rtol=rtol, atol=atol, what="train y")
+    dy = torch.randn(x.shape, dtype=dtype).contiguous(memory_format=torch.channels_last) if x.ndim == 4 else \
+        torch.randn(x.shape, dtype=dtype)
+    dx, dw, db = cpu.backward(dy, x, y, w, b, mean, var, 1e-5, 1, act, slope)
+    ref_dx, ref_dw, ref_db = R.backward(_np(dy), _np(x), _np(w), _np(b), 1e-5, 1, act, slope)
+    assert_close(dx, ref_dx, rtol=rtol, atol=atol * np.abs(ref_dx).max(), what="train dx")
+    assert_close(dw, ref_dw, rtol=rtol, atol=atol * np.abs(ref_dw).max(), what="train dweight")
+    assert_close(db, ref_db, rtol=rtol, atol=atol * np.abs(ref_db).max(), what="train dbias")
+
+
+@pytest.mark.parametrize("case", list(LANE_CASES))
+def test_lane_sums_keep_float32_accuracy_and_nan_stays_in_its_channel(case, two_threads):
+    x = _lane_input(case, torch.float32, mean=1e4, std=1.0)
+    c = x.shape[1]
+    y, mean, var = cpu.train_forward(x, None, None, 1e-5, 1, "identity", 0.0)
+    ref_y, _, ref_v = R.forward_train(_np(x), None, None, 1e-5, 1)
+    assert_close(var, ref_v, rtol=1e-5, atol=0, what="var at mean 1e4, std 1")
+    assert_close(y, ref_y, rtol=1e-5, atol=1e-5, what="y at mean 1e4, std 1")
+    rows = x.movedim(1, -1).reshape(-1, c)  # a view in memory order: row i, channel j
+    rows[700, 3] = float("nan")  # inside a whole group of the first thread's rows
+    y, mean, var = cpu.train_forward(x, None, None, 1e-5, 1, "relu", 0.0)
+    assert torch.isnan(mean[3]) and torch.isnan(var[3]) and torch.isnan(y.select(1, 3)).all()
+    others = [i for i in range(c) if i != 3]
+    assert torch.isfinite(mean[others]).all() and torch.isfinite(var[others]).all()
+    assert torch.isfinite(y.index_select(1, torch.tensor(others))).all()
+
+
 @pytest.mark.parametrize("layout", ["nchw", "nhwc_memory", "nc"])
 def test_without_affine_parameters(layout):
     x, axis = _input(layout, torch.float64)

@@ -18,8 +18,11 @@ subclasses — is left to the torch backend by :func:`supports`):
   follow each other while the channel is still in cache (2 MiB L2 per core here).
 * ``(M, C)``: channels innermost — (N, C) input, channels-last memory (NHWC/NDHWC with
   ``channel_axis=1``) or a logically channels-last tensor (``channel_axis=-1``). Threads own
-  blocks of rows and keep per-channel vectors of partial sums, added up afterwards; every loop runs
-  over channels innermost, so the sums vectorise across channels.
+  blocks of rows and keep per-channel vectors of partial sums, added up afterwards. The sums take
+  ``R = max(1, 1024 // C)`` rows at a time as one stretch of ``R·C`` lanes (lane ``j·C + c`` is
+  channel c), four stretches per update of the lane accumulators: with C = 64 a row is only 256
+  bytes, and row-by-row loops ran at 60 % of a read-only pass (128×64×56×56 channels-last train
+  forward 15.4 → 11.1 ms, backward 23.2 → 19.3 ms, kernels alone on 2 threads).
 
 Passes over memory: train forward reads x once for the statistics and once more to write y (the
 second read comes from cache in the ``(N, C, L)`` layout); the backward reads x and dy once for
@@ -138,6 +141,7 @@ _SUMS = {**_STRICT, "fastmath": _FM}  # reductions: re-association lets them vec
 _SHIFT_GUARD = 1e6  # (mean − shift)² / var above this: redo the variance two-pass
 _CHUNK = 4096  # values summed in the input dtype before the partial sum joins the float64 total
 _ROWS = 16  # (M, C) layout: rows summed in the input dtype before joining the float64 totals
+_LANES = 1024  # (M, C) sums: rows are summed R = max(1, _LANES // C) at a time, as one vector of R·C lanes
 
 
 # =============================================================================================
@@ -305,18 +309,76 @@ def _backward_ncl(x, dy, y, dx, mean, var, w, b, eps, train, sums, elu, cst, sv,
 
 # ------------------------------------------------------------------------------------ (M, C)
 # One call handles the rows [r0, r1); threads get disjoint row blocks. Every loop runs over
-# channels innermost, so the per-channel sums vectorise across channels with no re-association.
+# channels (lanes) innermost, so the per-channel sums vectorise with no re-association.
+@nb.njit(**_STRICT)
+def _lanes(C):
+    """R, W: the (M, C) sums take R consecutive rows at a time as one stretch of W = R·C lanes."""
+    R = max(1, _LANES // C)
+    return R, R * C
+
+
+@nb.njit(**_STRICT)
+def _tile(v, W):
+    """v (C,) repeated to W lanes: lane j·C + c holds v[c]."""
+    C = v.shape[0]
+    out = np.empty(W, dtype=v.dtype)
+    for j in range(W // C):
+        for c in range(C):
+            out[j * C + c] = v[c]
+    return out
+
+
+@nb.njit(**_STRICT)
+def _quad(flat, o, W):
+    """The four consecutive W-lane stretches of ``flat`` from offset o."""
+    return flat[o:o + W], flat[o + W:o + 2 * W], flat[o + 2 * W:o + 3 * W], flat[o + 3 * W:o + 4 * W]
+
+
+@nb.njit(**_STRICT)
+def _fold(a, p, C, zero):
+    """p[c] += Σ_j a[j·C + c] (float64), then a = 0."""
+    for j in range(a.shape[0] // C):
+        for c in range(C):
+            p[c] += a[j * C + c]
+            a[j * C + c] = zero
+
+
 @nb.njit(**_STRICT)
 def _sums_mc(x, k, p1, p2, sv, r0, r1):
-    """Shifted sums of rows [r0, r1) into the float64 vectors p1, p2 (blocks of _ROWS rows in x's dtype)."""
-    C = x.shape[1]
+    """Shifted sums of rows [r0, r1) into the float64 vectors p1, p2.
+
+    Groups of R rows are summed lane by lane as one stretch of W = R·C contiguous values (lane j·C + c
+    is channel c of the group's j-th row), so a small C still makes long vector loops; each lane sums
+    _ROWS values in x's dtype before the lanes are folded into the float64 totals. Rows left over
+    after the last whole group are summed row by row in the first C lanes.
+    """
+    M, C = x.shape
+    R, W = _lanes(C)
     zero = sv[0]
-    a1 = np.empty(C, dtype=x.dtype)
-    a2 = np.empty(C, dtype=x.dtype)
-    for i0 in range(r0, r1, _ROWS):
-        for c in range(C):
-            a1[c] = zero
-            a2[c] = zero
+    flat = x.reshape(M * C)
+    kw = _tile(k, W)
+    a1 = np.zeros(W, dtype=x.dtype)
+    a2 = np.zeros(W, dtype=x.dtype)
+    groups = (r1 - r0) // R
+    for g0 in range(0, groups, _ROWS):
+        g1 = min(g0 + _ROWS, groups)
+        g4 = g0 + (g1 - g0) // 4 * 4
+        for g in range(g0, g4, 4):  # four groups per lane update: a quarter of the accumulator traffic
+            x0, x1, x2, x3 = _quad(flat, (r0 + g * R) * C, W)
+            for j in range(W):
+                d0, d1, d2, d3 = x0[j] - kw[j], x1[j] - kw[j], x2[j] - kw[j], x3[j] - kw[j]
+                a1[j] += (d0 + d1) + (d2 + d3)
+                a2[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+        for g in range(g4, g1):
+            base = (r0 + g * R) * C
+            xg = flat[base:base + W]
+            for j in range(W):
+                d = xg[j] - kw[j]
+                a1[j] += d
+                a2[j] += d * d
+        _fold(a1, p1, C, zero)
+        _fold(a2, p2, C, zero)
+    for i0 in range(r0 + groups * R, r1, _ROWS):  # the < R rows after the last whole group
         for i in range(i0, min(i0 + _ROWS, r1)):
             for c in range(C):
                 d = x[i, c] - k[c]
@@ -325,6 +387,8 @@ def _sums_mc(x, k, p1, p2, sv, r0, r1):
         for c in range(C):
             p1[c] += a1[c]
             p2[c] += a2[c]
+            a1[c] = zero
+            a2[c] = zero
 
 
 @nb.njit(**_STRICT)
@@ -375,35 +439,66 @@ def _apply_mc(x, y, elu, cst, sv, r0, r1):
 
 
 @nb.njit(**_STRICT)
+def _dz(xv, dyv, yv, h, lo, sc, bb, zero, one, neg, alpha, elu):
+    """(dz, x − hi) for one value: z = ((x − hi) − lo)·sc + β, dz = dy·act'(z) (ELU's from y)."""
+    d = xv - h
+    z = (d - lo) * sc + bb
+    if elu:
+        return dyv * (one if z > zero else yv + alpha), d
+    return dyv * (one if z > zero else neg), d
+
+
+@nb.njit(**_STRICT)
 def _grad_sums_mc(x, dy, y, elu, cst, sv, pg, ph, r0, r1):
-    """g = Σ dz and h' = Σ dz·(x − hi) of rows [r0, r1) into the float64 vectors pg, ph."""
-    C = x.shape[1]
+    """g = Σ dz and h' = Σ dz·(x − hi) of rows [r0, r1) into the float64 vectors pg, ph.
+
+    Same lane layout as :func:`_sums_mc`: groups of R rows as W = R·C lanes, four groups per update.
+    """
+    M, C = x.shape
+    R, W = _lanes(C)
     zero, one, neg, alpha = sv[0], sv[1], sv[2], sv[3]
-    hi, lo, sc, bb = cst[0], cst[1], cst[2], cst[3]
-    ag = np.empty(C, dtype=x.dtype)
-    ah = np.empty(C, dtype=x.dtype)
-    for i0 in range(r0, r1, _ROWS):
-        for c in range(C):
-            ag[c] = zero
-            ah[c] = zero
+    hw, lw, sw, bw = _tile(cst[0], W), _tile(cst[1], W), _tile(cst[2], W), _tile(cst[3], W)
+    fx, fdy, fy = x.reshape(M * C), dy.reshape(M * C), y.reshape(M * C)
+    ag = np.zeros(W, dtype=x.dtype)
+    ah = np.zeros(W, dtype=x.dtype)
+    groups = (r1 - r0) // R
+    for g0 in range(0, groups, _ROWS):
+        g1 = min(g0 + _ROWS, groups)
+        g4 = g0 + (g1 - g0) // 4 * 4
+        for g in range(g0, g4, 4):
+            o = (r0 + g * R) * C
+            x0, x1, x2, x3 = _quad(fx, o, W)
+            e0, e1, e2, e3 = _quad(fdy, o, W)
+            y0, y1, y2, y3 = _quad(fy, o, W)
+            for j in range(W):
+                h, lo, sc, bb = hw[j], lw[j], sw[j], bw[j]
+                z0, d0 = _dz(x0[j], e0[j], y0[j], h, lo, sc, bb, zero, one, neg, alpha, elu)
+                z1, d1 = _dz(x1[j], e1[j], y1[j], h, lo, sc, bb, zero, one, neg, alpha, elu)
+                z2, d2 = _dz(x2[j], e2[j], y2[j], h, lo, sc, bb, zero, one, neg, alpha, elu)
+                z3, d3 = _dz(x3[j], e3[j], y3[j], h, lo, sc, bb, zero, one, neg, alpha, elu)
+                ag[j] += (z0 + z1) + (z2 + z3)
+                ah[j] += (z0 * d0 + z1 * d1) + (z2 * d2 + z3 * d3)
+        for g in range(g4, g1):
+            o = (r0 + g * R) * C
+            xg, eg, yg = fx[o:o + W], fdy[o:o + W], fy[o:o + W]
+            for j in range(W):
+                dz, d = _dz(xg[j], eg[j], yg[j], hw[j], lw[j], sw[j], bw[j], zero, one, neg, alpha, elu)
+                ag[j] += dz
+                ah[j] += dz * d
+        _fold(ag, pg, C, zero)
+        _fold(ah, ph, C, zero)
+    for i0 in range(r0 + groups * R, r1, _ROWS):  # the < R rows after the last whole group
         for i in range(i0, min(i0 + _ROWS, r1)):
-            if elu:
-                for c in range(C):
-                    d = x[i, c] - hi[c]
-                    z = (d - lo[c]) * sc[c] + bb[c]
-                    dz = dy[i, c] * (one if z > zero else y[i, c] + alpha)
-                    ag[c] += dz
-                    ah[c] += dz * d
-            else:
-                for c in range(C):
-                    d = x[i, c] - hi[c]
-                    z = (d - lo[c]) * sc[c] + bb[c]
-                    dz = dy[i, c] * (one if z > zero else neg)
-                    ag[c] += dz
-                    ah[c] += dz * d
+            for c in range(C):
+                dz, d = _dz(x[i, c], dy[i, c], y[i, c], hw[c], lw[c], sw[c], bw[c], zero, one, neg, alpha,
+                            elu)
+                ag[c] += dz
+                ah[c] += dz * d
         for c in range(C):
             pg[c] += ag[c]
             ph[c] += ah[c]
+            ag[c] = zero
+            ah[c] = zero
 
 
 @nb.njit(**_STRICT)
