@@ -538,3 +538,61 @@ def test_non_contiguous_parameters_and_statistics_are_read_correctly(runner):
 ])
 def test_openmp_runtime_choice(paths, expected):
     assert _omp._pick(paths, "/t") == expected
+
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_CACHED_USE = """
+import sys, torch, numpy as np
+import batchnorm
+from batchnorm.kernels import cpu, _omp
+torch.manual_seed(0)
+out = []
+for fmt in (torch.contiguous_format, torch.channels_last):
+    for dtype in (torch.float32, torch.float64):
+        for act in ("relu", "elu"):
+            x = torch.randn(4, 3, 5, 5, dtype=dtype).contiguous(memory_format=fmt)
+            y, m, v = cpu.train_forward(x, None, None, 1e-5, 1, act, 1.0)
+            dy = torch.randn_like(x)
+            dx = cpu.backward(dy, x, y, None, None, m, v, 1e-5, 1, act, 1.0)[0]
+            ye = cpu.eval_forward(x, m, v, None, None, 1e-5, 1, act, 1.0)
+            out += [t.double().numpy().ravel() for t in (y, dx, ye)]
+np.save(sys.argv[1], np.concatenate(out))
+print(repr((bool(_omp.runtime()), "numba.np.arraymath" in sys.modules)))
+"""
+
+
+def test_a_cached_callback_loads_without_numbas_full_refresh_and_computes_the_same(tmp_path):
+    """Second process, warm cache: the callbacks come from numba's cache without numba importing its
+    NumPy support (and SciPy) — the shortcut that brings a cached first use from 0.6 s to 0.26 s —
+    and compute what the first process (compiled or loaded the standard way) computed."""
+    if not _omp.runtime():
+        pytest.skip("the callbacks run on torch's OpenMP team, which torch here lacks")
+    script = tmp_path / "use.py"
+    script.write_text(_CACHED_USE)
+    results = []
+    for run in range(2):
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([_ROOT, os.environ.get("PYTHONPATH", "")])}
+        res = subprocess.run([sys.executable, str(script), str(tmp_path / f"{run}.npy")], capture_output=True,
+                             text=True, check=True, env=env)
+        results.append((eval(res.stdout.strip().splitlines()[-1]), np.load(tmp_path / f"{run}.npy")))
+    (team, numpy_support), second = results[1]
+    assert team and not numpy_support, "a cache hit must not go through numba's full target refresh"
+    assert np.array_equal(results[0][1], second)
+
+
+def test_callback_shortcut_falls_back_to_numba_cfunc(monkeypatch):
+    """If the shortcut fails (another numba's internals), numba.cfunc compiles or loads as usual."""
+    if not _omp.runtime():
+        pytest.skip("the callbacks run on torch's OpenMP team, which torch here lacks")
+    x = torch.randn(4, 3, 5, 5) * 2 + 1
+    expected = cpu.train_forward(x, None, None, 1e-5, 1, "relu", 0.0)
+
+    def broken(pyfunc):
+        raise AttributeError("no such internals")
+
+    monkeypatch.setattr(cpu, "_load_cached_callback", broken)
+    monkeypatch.setattr(cpu, "_team_cfuncs", {})
+    got = cpu.train_forward(x, None, None, 1e-5, 1, "relu", 0.0)
+    assert cpu._team_cfuncs, "the callback must have been (re)made"
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)

@@ -102,10 +102,11 @@ and y only for ELU — nothing of the input's size is allocated for the backward
 Compilation: lazily at first use, ``cache=True``, cache folder from
 :mod:`batchnorm.kernels._numba_setup`. Importing :mod:`batchnorm` imports neither this module nor
 numba. One callback per operation × layout × dtype is compiled, only when used. First use of one
-layout and dtype (forward + backward), measured on the 2-core machine: cold (fresh cache) 5.2 s for
-NCHW float32 (+5.5 s for the channels-last kernels when a model uses both); cached 0.59 s, of which
-0.2 s is importing numba and 0.24 s numba loading its NumPy support — 0.14 s of that is numba
-importing SciPy's BLAS when SciPy is installed (0.50 s without SciPy); later calls pay nothing.
+layout and dtype (forward + backward), measured on the 2-core machine: cold (fresh cache) 4.5 s for
+NCHW float32, 8.8 s for channels-last float32 (7.5 s more when a model uses both); cached 0.28 s —
+0.2 s of it importing numba. A cache hit is loaded without numba's full target refresh
+(:func:`_load_cached_callback`), which would import all of numba's NumPy support and, through it,
+SciPy's BLAS (0.6 s before); later calls pay nothing.
 """
 
 from __future__ import annotations
@@ -329,12 +330,6 @@ def _tile(v, W):
 
 
 @nb.njit(**_STRICT)
-def _quad(flat, o, W):
-    """The four consecutive W-lane stretches of ``flat`` from offset o."""
-    return flat[o:o + W], flat[o + W:o + 2 * W], flat[o + 2 * W:o + 3 * W], flat[o + 3 * W:o + 4 * W]
-
-
-@nb.njit(**_STRICT)
 def _fold(a, p, C, zero):
     """p[c] += Σ_j a[j·C + c] (float64), then a = 0."""
     for j in range(a.shape[0] // C):
@@ -348,37 +343,28 @@ def _sums_mc(x, k, p1, p2, sv, r0, r1):
     """Shifted sums of rows [r0, r1) into the float64 vectors p1, p2.
 
     Groups of R rows are summed lane by lane as one stretch of W = R·C contiguous values (lane j·C + c
-    is channel c of the group's j-th row), so a small C still makes long vector loops; each lane sums
-    _ROWS values in x's dtype before the lanes are folded into the float64 totals. Rows left over
-    after the last whole group are summed row by row in the first C lanes.
+    is channel c of the group's j-th row), four groups per update of the lane sums, so a small C still
+    makes long vector loops; each lane sums _ROWS values in x's dtype before the lanes are folded into
+    the float64 totals. The rows after the last four whole groups (< 4·R) are summed row by row.
     """
     M, C = x.shape
     R, W = _lanes(C)
     zero = sv[0]
-    flat = x.reshape(M * C)
+    groups = (r1 - r0) // R // 4 * 4  # whole groups, in fours
+    v = x.reshape(M * C)[r0 * C:(r0 + groups * R) * C].reshape((groups, W))  # group g = row g of v
     kw = _tile(k, W)
     a1 = np.zeros(W, dtype=x.dtype)
     a2 = np.zeros(W, dtype=x.dtype)
-    groups = (r1 - r0) // R
     for g0 in range(0, groups, _ROWS):
-        g1 = min(g0 + _ROWS, groups)
-        g4 = g0 + (g1 - g0) // 4 * 4
-        for g in range(g0, g4, 4):  # four groups per lane update: a quarter of the accumulator traffic
-            x0, x1, x2, x3 = _quad(flat, (r0 + g * R) * C, W)
+        for g in range(g0, min(g0 + _ROWS, groups), 4):  # four groups per update: ¼ of the lane traffic
             for j in range(W):
-                d0, d1, d2, d3 = x0[j] - kw[j], x1[j] - kw[j], x2[j] - kw[j], x3[j] - kw[j]
+                k_ = kw[j]
+                d0, d1, d2, d3 = v[g, j] - k_, v[g + 1, j] - k_, v[g + 2, j] - k_, v[g + 3, j] - k_
                 a1[j] += (d0 + d1) + (d2 + d3)
                 a2[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
-        for g in range(g4, g1):
-            base = (r0 + g * R) * C
-            xg = flat[base:base + W]
-            for j in range(W):
-                d = xg[j] - kw[j]
-                a1[j] += d
-                a2[j] += d * d
         _fold(a1, p1, C, zero)
         _fold(a2, p2, C, zero)
-    for i0 in range(r0 + groups * R, r1, _ROWS):  # the < R rows after the last whole group
+    for i0 in range(r0 + groups * R, r1, _ROWS):  # the < 4·R rows after the last four whole groups
         for i in range(i0, min(i0 + _ROWS, r1)):
             for c in range(C):
                 d = x[i, c] - k[c]
@@ -452,42 +438,32 @@ def _dz(xv, dyv, yv, h, lo, sc, bb, zero, one, neg, alpha, elu):
 def _grad_sums_mc(x, dy, y, elu, cst, sv, pg, ph, r0, r1):
     """g = Σ dz and h' = Σ dz·(x − hi) of rows [r0, r1) into the float64 vectors pg, ph.
 
-    Same lane layout as :func:`_sums_mc`: groups of R rows as W = R·C lanes, four groups per update.
+    Same lane layout as :func:`_sums_mc`: groups of R rows as W = R·C lanes, four groups per update;
+    ELU (whose derivative reads y) goes row by row, which keeps the compiled code small.
     """
     M, C = x.shape
     R, W = _lanes(C)
     zero, one, neg, alpha = sv[0], sv[1], sv[2], sv[3]
     hw, lw, sw, bw = _tile(cst[0], W), _tile(cst[1], W), _tile(cst[2], W), _tile(cst[3], W)
-    fx, fdy, fy = x.reshape(M * C), dy.reshape(M * C), y.reshape(M * C)
+    groups = 0 if elu else (r1 - r0) // R // 4 * 4  # whole groups, in fours (ELU: row by row, less code)
+    lo_, hi_ = r0 * C, (r0 + groups * R) * C
+    vx = x.reshape(M * C)[lo_:hi_].reshape((groups, W))  # group g = row g
+    vd = dy.reshape(M * C)[lo_:hi_].reshape((groups, W))
     ag = np.zeros(W, dtype=x.dtype)
     ah = np.zeros(W, dtype=x.dtype)
-    groups = (r1 - r0) // R
     for g0 in range(0, groups, _ROWS):
-        g1 = min(g0 + _ROWS, groups)
-        g4 = g0 + (g1 - g0) // 4 * 4
-        for g in range(g0, g4, 4):
-            o = (r0 + g * R) * C
-            x0, x1, x2, x3 = _quad(fx, o, W)
-            e0, e1, e2, e3 = _quad(fdy, o, W)
-            y0, y1, y2, y3 = _quad(fy, o, W)
+        for g in range(g0, min(g0 + _ROWS, groups), 4):
             for j in range(W):
                 h, lo, sc, bb = hw[j], lw[j], sw[j], bw[j]
-                z0, d0 = _dz(x0[j], e0[j], y0[j], h, lo, sc, bb, zero, one, neg, alpha, elu)
-                z1, d1 = _dz(x1[j], e1[j], y1[j], h, lo, sc, bb, zero, one, neg, alpha, elu)
-                z2, d2 = _dz(x2[j], e2[j], y2[j], h, lo, sc, bb, zero, one, neg, alpha, elu)
-                z3, d3 = _dz(x3[j], e3[j], y3[j], h, lo, sc, bb, zero, one, neg, alpha, elu)
+                z0, d0 = _dz(vx[g, j], vd[g, j], zero, h, lo, sc, bb, zero, one, neg, alpha, False)
+                z1, d1 = _dz(vx[g + 1, j], vd[g + 1, j], zero, h, lo, sc, bb, zero, one, neg, alpha, False)
+                z2, d2 = _dz(vx[g + 2, j], vd[g + 2, j], zero, h, lo, sc, bb, zero, one, neg, alpha, False)
+                z3, d3 = _dz(vx[g + 3, j], vd[g + 3, j], zero, h, lo, sc, bb, zero, one, neg, alpha, False)
                 ag[j] += (z0 + z1) + (z2 + z3)
                 ah[j] += (z0 * d0 + z1 * d1) + (z2 * d2 + z3 * d3)
-        for g in range(g4, g1):
-            o = (r0 + g * R) * C
-            xg, eg, yg = fx[o:o + W], fdy[o:o + W], fy[o:o + W]
-            for j in range(W):
-                dz, d = _dz(xg[j], eg[j], yg[j], hw[j], lw[j], sw[j], bw[j], zero, one, neg, alpha, elu)
-                ag[j] += dz
-                ah[j] += dz * d
         _fold(ag, pg, C, zero)
         _fold(ah, ph, C, zero)
-    for i0 in range(r0 + groups * R, r1, _ROWS):  # the < R rows after the last whole group
+    for i0 in range(r0 + groups * R, r1, _ROWS):  # the rows after the last four whole groups
         for i in range(i0, min(i0 + _ROWS, r1)):
             for c in range(C):
                 dz, d = _dz(x[i, c], dy[i, c], y[i, c], hw[c], lw[c], sw[c], bw[c], zero, one, neg, alpha,
@@ -555,9 +531,12 @@ _BLOCK = 22
 
 
 @nb.njit(**_STRICT)
-def _at(blk, slot, shape, dt):
-    """The array at block[slot] (an address) with the given shape and dtype."""
-    return carray(_omp.voidptr(blk[slot]), shape, dt)
+def _at(addr, shape, dt):
+    """The array at address ``addr`` (a block entry) with the given shape and dtype.
+
+    (It takes the address, not the block and a slot number: a constant slot argument would compile
+    one specialisation per slot, 0.07 s each.)"""
+    return carray(_omp.voidptr(addr), shape, dt)
 
 
 @nb.njit(**_STRICT)
@@ -573,10 +552,10 @@ def _team_forward_ncl_body(blk, dt):
     N, C, L = blk[_B_N], blk[_B_C], blk[_B_L]
     _, c0, c1 = _part(C)
     f64 = np.float64
-    _forward_ncl(_at(blk, _B_X, (N, C, L), dt), _at(blk, _B_Y, (N, C, L), dt), _at(blk, _B_MEAN, C, f64),
-                 _at(blk, _B_VAR, C, f64), _at(blk, _B_W, C, f64), _at(blk, _B_B, C, f64),
-                 blk.view(f64)[_B_EPS], blk[_B_TRAIN] != 0, blk[_B_ELU] != 0, _at(blk, _B_CST, (6, C), dt),
-                 _at(blk, _B_SV, 4, dt), c0, c1)
+    _forward_ncl(_at(blk[_B_X], (N, C, L), dt), _at(blk[_B_Y], (N, C, L), dt), _at(blk[_B_MEAN], C, f64),
+                 _at(blk[_B_VAR], C, f64), _at(blk[_B_W], C, f64), _at(blk[_B_B], C, f64),
+                 blk.view(f64)[_B_EPS], blk[_B_TRAIN] != 0, blk[_B_ELU] != 0, _at(blk[_B_CST], (6, C), dt),
+                 _at(blk[_B_SV], 4, dt), c0, c1)
 
 
 @nb.njit(**_STRICT)
@@ -585,12 +564,12 @@ def _team_backward_ncl_body(blk, dt):
     _, c0, c1 = _part(C)
     f64 = np.float64
     sh = (N, C, L)
-    x, dy = _at(blk, _B_X, sh, dt), _at(blk, _B_DY, sh, dt)
-    y, dx = _at(blk, _B_Y, sh, dt), _at(blk, _B_DX, sh, dt)
-    _backward_ncl(x, dy, y, dx, _at(blk, _B_MEAN, C, f64), _at(blk, _B_VAR, C, f64), _at(blk, _B_W, C, f64),
-                  _at(blk, _B_B, C, f64), blk.view(f64)[_B_EPS], blk[_B_TRAIN] != 0, blk[_B_SUMS] != 0,
-                  blk[_B_ELU] != 0, _at(blk, _B_CST, (6, C), dt), _at(blk, _B_SV, 4, dt),
-                  _at(blk, _B_DW, C, f64), _at(blk, _B_DB, C, f64), c0, c1)
+    x, dy = _at(blk[_B_X], sh, dt), _at(blk[_B_DY], sh, dt)
+    y, dx = _at(blk[_B_Y], sh, dt), _at(blk[_B_DX], sh, dt)
+    _backward_ncl(x, dy, y, dx, _at(blk[_B_MEAN], C, f64), _at(blk[_B_VAR], C, f64), _at(blk[_B_W], C, f64),
+                  _at(blk[_B_B], C, f64), blk.view(f64)[_B_EPS], blk[_B_TRAIN] != 0, blk[_B_SUMS] != 0,
+                  blk[_B_ELU] != 0, _at(blk[_B_CST], (6, C), dt), _at(blk[_B_SV], 4, dt),
+                  _at(blk[_B_DW], C, f64), _at(blk[_B_DB], C, f64), c0, c1)
 
 
 @nb.njit(**_STRICT)
@@ -599,10 +578,10 @@ def _team_forward_mc_body(blk, dt):
     M, C, S = blk[_B_N], blk[_B_C], blk[_B_L]
     t, r0, r1 = _part(M)
     f64 = np.float64
-    x, cst, sv = _at(blk, _B_X, (M, C), dt), _at(blk, _B_CST, (6, C), dt), _at(blk, _B_SV, 4, dt)
+    x, cst, sv = _at(blk[_B_X], (M, C), dt), _at(blk[_B_CST], (6, C), dt), _at(blk[_B_SV], 4, dt)
     k = x[0]  # the shift: each channel's first value
-    p1, p2 = _at(blk, _B_P1, (S, C), f64), _at(blk, _B_P2, (S, C), f64)  # zeroed, one row per member
-    mean, var = _at(blk, _B_MEAN, C, f64), _at(blk, _B_VAR, C, f64)
+    p1, p2 = _at(blk[_B_P1], (S, C), f64), _at(blk[_B_P2], (S, C), f64)  # zeroed, one row per member
+    mean, var = _at(blk[_B_MEAN], C, f64), _at(blk[_B_VAR], C, f64)
     train = blk[_B_TRAIN] != 0
     if train:
         _sums_mc(x, k, p1[t], p2[t], sv, r0, r1)
@@ -610,10 +589,10 @@ def _team_forward_mc_body(blk, dt):
     if t == 0:
         if train:
             _stats_mc(x, k, p1, p2, mean, var)
-        _constants_mc(mean, var, _at(blk, _B_W, C, f64), _at(blk, _B_B, C, f64), blk.view(f64)[_B_EPS], cst,
-                      _at(blk, _B_INV, C, f64))
+        _constants_mc(mean, var, _at(blk[_B_W], C, f64), _at(blk[_B_B], C, f64), blk.view(f64)[_B_EPS], cst,
+                      _at(blk[_B_INV], C, f64))
     _omp.barrier()
-    _apply_mc(x, _at(blk, _B_Y, (M, C), dt), blk[_B_ELU] != 0, cst, sv, r0, r1)
+    _apply_mc(x, _at(blk[_B_Y], (M, C), dt), blk[_B_ELU] != 0, cst, sv, r0, r1)
 
 
 @nb.njit(**_STRICT)
@@ -622,22 +601,22 @@ def _team_backward_mc_body(blk, dt):
     M, C, S = blk[_B_N], blk[_B_C], blk[_B_L]
     t, r0, r1 = _part(M)
     f64 = np.float64
-    x, dy, y = _at(blk, _B_X, (M, C), dt), _at(blk, _B_DY, (M, C), dt), _at(blk, _B_Y, (M, C), dt)
-    cst, sv = _at(blk, _B_CST, (6, C), dt), _at(blk, _B_SV, 4, dt)
-    pg, ph = _at(blk, _B_P1, (S, C), f64), _at(blk, _B_P2, (S, C), f64)
+    x, dy, y = _at(blk[_B_X], (M, C), dt), _at(blk[_B_DY], (M, C), dt), _at(blk[_B_Y], (M, C), dt)
+    cst, sv = _at(blk[_B_CST], (6, C), dt), _at(blk[_B_SV], 4, dt)
+    pg, ph = _at(blk[_B_P1], (S, C), f64), _at(blk[_B_P2], (S, C), f64)
     elu = blk[_B_ELU] != 0
     if t == 0:
-        _constants_mc(_at(blk, _B_MEAN, C, f64), _at(blk, _B_VAR, C, f64), _at(blk, _B_W, C, f64),
-                      _at(blk, _B_B, C, f64), blk.view(f64)[_B_EPS], cst, _at(blk, _B_INV, C, f64))
+        _constants_mc(_at(blk[_B_MEAN], C, f64), _at(blk[_B_VAR], C, f64), _at(blk[_B_W], C, f64),
+                      _at(blk[_B_B], C, f64), blk.view(f64)[_B_EPS], cst, _at(blk[_B_INV], C, f64))
     _omp.barrier()
     if blk[_B_SUMS] != 0:
         _grad_sums_mc(x, dy, y, elu, cst, sv, pg[t], ph[t], r0, r1)
         _omp.barrier()
     if t == 0:
-        _grad_coefs_mc(pg, ph, _at(blk, _B_W, C, f64), _at(blk, _B_INV, C, f64), M, blk[_B_TRAIN] != 0, cst,
-                       _at(blk, _B_DW, C, f64), _at(blk, _B_DB, C, f64))
+        _grad_coefs_mc(pg, ph, _at(blk[_B_W], C, f64), _at(blk[_B_INV], C, f64), M, blk[_B_TRAIN] != 0, cst,
+                       _at(blk[_B_DW], C, f64), _at(blk[_B_DB], C, f64))
     _omp.barrier()
-    _dx_mc(x, dy, y, _at(blk, _B_DX, (M, C), dt), elu, cst, sv, r0, r1)
+    _dx_mc(x, dy, y, _at(blk[_B_DX], (M, C), dt), elu, cst, sv, r0, r1)
 
 
 # The callbacks ``void fn(int64 *block)``: one per operation and dtype, compiled only when used.
@@ -677,7 +656,53 @@ _TEAM_FNS = {(fn.__name__[6:-4], fn.__name__[-3:]): fn for fn in (
     _team_forward_ncl_f32, _team_forward_ncl_f64, _team_backward_ncl_f32, _team_backward_ncl_f64,
     _team_forward_mc_f32, _team_forward_mc_f64, _team_backward_mc_f32, _team_backward_mc_f64)}
 _team_cfuncs: dict[tuple[str, str], int] = {}
+_team_keep: list = []  # the compiled libraries the callbacks' addresses point into
 _team_lock = threading.Lock()
+
+
+_CALLBACK_SIG = "void(CPointer(int64))"
+
+
+def _compile_callback(pyfunc) -> int:
+    """Address of ``void pyfunc(int64 *block)`` compiled by numba, from numba's cache when it is there.
+
+    A cache hit is loaded by :func:`_load_cached_callback`; a miss, or any failure of that shortcut
+    (another numba's internals), takes ``numba.cfunc``, which compiles and saves (or loads).
+    """
+    try:
+        address, keep = _load_cached_callback(pyfunc)
+    except Exception:  # a miss, or any failure of the shortcut: numba's own path
+        keep = nb.cfunc(_CALLBACK_SIG, **_STRICT)(pyfunc)
+        address = keep.address
+    _team_keep.append(keep)
+    return address
+
+
+def _load_cached_callback(pyfunc) -> tuple[int, object]:
+    """(address, compile result to keep alive) of ``pyfunc``'s callback in numba's cache; raises on a miss.
+
+    ``numba.cfunc`` refreshes the target context before it looks in the cache, importing every
+    registry numba has — its NumPy support, and SciPy's BLAS through it: 0.36 s of the 0.6 s a first
+    call cost here, for machine code that needs none of it. This sets up only what the machine code
+    links against — numba's helper and math symbols (registered when the context is built), its
+    runtime (``rtsys.initialize``) and our OpenMP symbols (bound before any callback is made) — and
+    reads the very cache entry ``numba.cfunc`` would read.
+    """
+    from numba.core import sigutils
+    from numba.core.ccallback import CFunc
+    from numba.core.compiler_lock import global_compiler_lock
+    from numba.core.runtime import rtsys
+
+    cf = CFunc(pyfunc, sigutils.normalize_signature(_CALLBACK_SIG), locals={},
+               options={k: v for k, v in _STRICT.items() if k != "cache"})
+    cf.enable_caching()
+    with global_compiler_lock:
+        ctx = cf._targetdescr.target_context
+        rtsys.initialize(ctx)
+        cres = cf._cache._load_overload(cf._sig, ctx)
+    if cres is None:
+        raise LookupError("not in numba's cache (first use, or the source changed)")
+    return cres.library.get_pointer_to_function(cres.fndesc.llvm_cfunc_wrapper_name), cres
 
 
 def _team_address(op: str, dtype: str) -> int:
@@ -686,10 +711,11 @@ def _team_address(op: str, dtype: str) -> int:
     key = (op, dtype)
     addr = _team_cfuncs.get(key)
     if addr is None:
+        if not _omp.runtime():  # (the callbacks link against the runtime's functions: LLVM aborts without)
+            raise RuntimeError("batchnorm: no OpenMP runtime to run a team task on; use the thread pool path")
         with _team_lock:
             if key not in _team_cfuncs:
-                _team_cfuncs[key] = nb.cfunc(nb.types.void(nb.types.CPointer(nb.types.int64)),
-                                             **_STRICT)(_TEAM_FNS[key]).address
+                _team_cfuncs[key] = _compile_callback(_TEAM_FNS[key])
             addr = _team_cfuncs[key]
     return addr
 
