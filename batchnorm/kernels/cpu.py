@@ -111,6 +111,7 @@ SciPy's BLAS (0.6 s before); later calls pay nothing.
 
 from __future__ import annotations
 
+import array
 import concurrent.futures
 import math
 import os
@@ -726,15 +727,19 @@ _SLOTS = {"x": _B_X, "y": _B_Y, "dy": _B_DY, "dx": _B_DX, "mean": _B_MEAN, "var"
 
 
 def _block(arrays: dict[str, torch.Tensor], sizes: tuple[int, ...], flags: tuple[bool, bool, bool],
-           eps: float) -> torch.Tensor:
-    """The int64 argument block of a team task (see the layout above); ``flags`` = (train, sums, elu)."""
+           eps: float) -> array.array:
+    """The int64 argument block of a team task (see the layout above); ``flags`` = (train, sums, elu).
+
+    A stdlib ``array`` (0.7 µs to build, against 5 µs for a torch tensor); its address is
+    ``block.buffer_info()[0]`` and it must stay referenced until the task returns.
+    """
     vals = [0] * _BLOCK
     vals[_B_N], vals[_B_C], vals[_B_L] = sizes
     vals[_B_TRAIN], vals[_B_SUMS], vals[_B_ELU] = (int(f) for f in flags)
     vals[_B_EPS] = struct.unpack("<q", struct.pack("<d", eps))[0]  # the float64's bits
     for key, t in arrays.items():
         vals[_SLOTS[key]] = t.data_ptr()
-    return torch.tensor(vals, dtype=torch.int64)
+    return array.array("q", vals)
 
 
 # =============================================================================================
@@ -872,7 +877,7 @@ def _launch(op: str, arrays: dict[str, torch.Tensor], sizes: tuple[int, ...], fl
     """One team task: ``op`` over ``arrays`` (all dense, in x's memory order) on ``threads`` threads."""
     blk = _block(arrays, sizes, flags, eps)
     dtype = "f64" if arrays["x"].dtype == torch.float64 else "f32"
-    _omp.run(_team_address(op, dtype), blk.data_ptr(), threads)
+    _omp.run(_team_address(op, dtype), blk.buffer_info()[0], threads)
 
 
 def _forward(x, mean, var, weight, bias, eps, axis, act, slope, train):
