@@ -371,11 +371,8 @@ def _sums_mc(x, k, p1, p2, sv, r0, r1):
                 d = x[i, c] - k[c]
                 a1[c] += d
                 a2[c] += d * d
-        for c in range(C):
-            p1[c] += a1[c]
-            p2[c] += a2[c]
-            a1[c] = zero
-            a2[c] = zero
+        _fold(a1[:C], p1, C, zero)
+        _fold(a2[:C], p2, C, zero)
 
 
 @nb.njit(**_STRICT)
@@ -471,11 +468,8 @@ def _grad_sums_mc(x, dy, y, elu, cst, sv, pg, ph, r0, r1):
                             elu)
                 ag[c] += dz
                 ah[c] += dz * d
-        for c in range(C):
-            pg[c] += ag[c]
-            ph[c] += ah[c]
-            ag[c] = zero
-            ah[c] = zero
+        _fold(ag[:C], pg, C, zero)
+        _fold(ah[:C], ph, C, zero)
 
 
 @nb.njit(**_STRICT)
