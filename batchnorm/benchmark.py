@@ -27,6 +27,10 @@ the last-level cache would run from cache and flatter the bound)::
 median of ``--reps`` (≥ 7 by default) runs after ``--warmup`` runs; the first call of each of our
 passes (numba compile or cache load) is reported separately, never mixed into the medians.
 
+Our kernels write outputs of at least ``BATCHNORM_STREAM_MIN_BYTES`` (8 MiB) with streaming stores,
+which skip the read-for-ownership of plain stores, so ``% bound`` can pass 100 % (the reference
+``copy_`` uses plain stores); ``--stream`` prints the measurement behind that threshold.
+
 ``--alloc`` prints the allocation measurement behind :mod:`batchnorm.kernels.cpu`'s choice (fresh
 ``torch.empty`` pages vs the reuse pool vs a preallocated buffer vs glibc ``mallopt`` tuning).
 
@@ -36,6 +40,7 @@ Usage::
     batchnorm bench --quick          # tiny shapes, 3 runs: a smoke test, no meaningful times
     batchnorm bench --json out.json  # also write every figure to a JSON file
     batchnorm bench --alloc          # the allocation measurement
+    batchnorm bench --stream         # plain vs streaming output stores by size
     batchnorm bench --case 4096x1024 --case 128x64x56x56:nhwc   # only these shapes
 """
 
@@ -220,6 +225,9 @@ def run(cases: Sequence[tuple[tuple[int, ...], str]], reps: int = 9, warmup: int
         # where the kernels' threads come from: torch's OpenMP team (its runtime library) or our pool
         meta["kernel_threads"] = _omp.runtime() or "Python thread pool"
         meta["numba_cache_dir"] = os.environ.get("NUMBA_CACHE_DIR", "")
+        from .kernels import cpu
+
+        meta["stream_min_bytes"] = cpu.STREAM_MIN_BYTES
     except ImportError:
         meta["numba"] = None
     rows: list[dict[str, Any]] = []
@@ -269,6 +277,10 @@ def _print_table(result: dict[str, Any], quick: bool) -> None:
                   f"cache {meta.get('numba_cache_dir') or '(default)'}; first call of each of our passes "
                   f"(compile or cache load) max {max(firsts, default=0):.2f} s, total {sum(firsts):.2f} s")
     console.print(f"output pool: {meta['pool']}")
+    if meta.get("stream_min_bytes") is not None:
+        console.print(f"outputs of ≥ {meta['stream_min_bytes'] / 2**20:g} MiB are written with streaming "
+                      "stores (% bound can pass 100 %: the reference copy_ uses plain stores; see "
+                      "batchnorm bench --stream)")
     rows = result["rows"]
     worst = {k: max(r[k] for r in rows) for k in ("err_y_ours", "err_dx_ours", "err_y_torch", "err_dx_torch")}
     console.print("error vs a float64 computation, max |Δ| / max |ref| over all cases: "
@@ -278,6 +290,61 @@ def _print_table(result: dict[str, Any], quick: bool) -> None:
                   "whole gradient or none)")
     if quick:
         console.print("[yellow]--quick: tiny shapes and few runs; the times say nothing about speed[/]")
+
+
+# ---------------------------------------------------------------------------------- streaming
+def _stream(reps: int, quick: bool) -> int:
+    """Plain vs streaming stores for outputs of growing size, each pass followed by a read of its output
+    (as the next layer would), to place ``BATCHNORM_STREAM_MIN_BYTES`` on this machine."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .kernels import cpu
+
+    rows_m = (64, 256) if quick else (256, 1024, 2048, 3072, 4096, 8192, 16384)
+    c = 1024
+    old = cpu.STREAM_MIN_BYTES
+    t = Table(title=f"Streaming stores: (M, {c}) float32 BN+ReLU, {torch.get_num_threads()} thread(s), "
+                    f"each pass followed by output.sum(); median of {reps}")
+    for col in ("output MB", "eval plain ms", "eval stream ms", "speed-up", "step plain ms",
+                "step stream ms", "speed-up", "default"):
+        t.add_column(col, justify="right")
+    try:
+        for m in rows_m:
+            x = torch.randn(m, c)
+            w, b, dy = torch.rand(c) + 0.5, torch.randn(c), torch.randn(m, c)
+            _, mean, var = cpu.train_forward(x, w, b, 1e-5, 1, "relu", 0.0)
+
+            def ev(limit, x=x, w=w, b=b, mean=mean, var=var):
+                def f():
+                    cpu.STREAM_MIN_BYTES = limit
+                    cpu.eval_forward(x, mean, var, w, b, 1e-5, 1, "relu", 0.0).sum()
+                return f
+
+            def step(limit, x=x, w=w, b=b, dy=dy):
+                def f():
+                    cpu.STREAM_MIN_BYTES = limit
+                    y, mm, vv = cpu.train_forward(x, w, b, 1e-5, 1, "relu", 0.0)
+                    y.sum()
+                    cpu.backward(dy, x, None, w, b, mm, vv, 1e-5, 1, "relu", 0.0)[0].sum()
+                return f
+
+            never, always = 1 << 62, 0
+            e0, e1, s0, s1 = _medians_ms([ev(never), ev(always), step(never), step(always)], reps, 3)
+            nbytes = x.numel() * x.element_size()
+            t.add_row(f"{nbytes / 1e6:.1f}", f"{e0:.3f}", f"{e1:.3f}", f"{e0 / e1:.2f}×", f"{s0:.3f}",
+                      f"{s1:.3f}", f"{s0 / s1:.2f}×", "stream" if nbytes >= old else "plain")
+    finally:
+        cpu.STREAM_MIN_BYTES = old
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=120)
+    console.print(t)
+    console.print(f"now streaming outputs of ≥ {old / 2**20:g} MiB (BATCHNORM_STREAM_MIN_BYTES={old}); "
+                  "set it near the smallest size from which both speed-ups stay above 1×")
+    if quick:
+        console.print("[yellow]--quick: tiny sizes and few runs; the times say nothing about speed[/]")
+    return 0
 
 
 # ---------------------------------------------------------------------------------- allocation
@@ -403,6 +470,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch (and numba) threads (default: torch's)")
     p.add_argument("--json", metavar="PATH", default=None, help="also write all figures to this JSON file")
     p.add_argument("--alloc", action="store_true", help="measure output allocation strategies instead")
+    p.add_argument("--stream", action="store_true",
+                   help="measure plain vs streaming output stores by size instead "
+                        "(sets BATCHNORM_STREAM_MIN_BYTES)")
     p.add_argument("--case", type=_parse_case, action="append", default=None, metavar="SHAPE[:LAYOUT]",
                    help="measure only this shape (repeatable), e.g. 4096x1024 or 128x64x56x56:nhwc; layout "
                         "nc (2-D), nchw (contiguous, default for 3- to 5-D), nhwc (4-D) or ndhwc (5-D)")
@@ -417,6 +487,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(f"--reps must be >= 1 and --warmup >= 0, got {reps} and {warmup}")
     if args.alloc:
         return _alloc((16, 64, 32, 32) if args.quick else (128, 64, 56, 56), reps)
+    if args.stream:
+        return _stream(reps, args.quick)
     cases = args.case or (QUICK_CASES if args.quick else FULL_CASES)
     result = run(cases, reps=reps, warmup=warmup)
     _print_table(result, args.quick)

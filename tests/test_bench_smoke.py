@@ -78,3 +78,13 @@ def test_script_wrapper(monkeypatch, capsys):
         runpy.run_path(str(script), run_name="__main__")
     assert e.value.code == 0
     assert "--quick" in capsys.readouterr().out
+
+
+def test_stream_measurement_quick(capsys):
+    from batchnorm.kernels import cpu
+
+    before = cpu.STREAM_MIN_BYTES
+    assert benchmark.main(["--stream", "--quick", "--reps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "Streaming stores" in out and "eval plain ms" in out and "BATCHNORM_STREAM_MIN_BYTES" in out
+    assert before == cpu.STREAM_MIN_BYTES, "the measurement must restore the threshold"

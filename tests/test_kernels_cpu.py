@@ -19,6 +19,8 @@ import pytest
 import torch
 from _core_util import ref_eval_backward
 from _util import assert_close
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import batchnorm
 from batchnorm import functional as F
@@ -596,3 +598,119 @@ def test_callback_shortcut_falls_back_to_numba_cfunc(monkeypatch):
     assert cpu._team_cfuncs, "the callback must have been (re)made"
     for a, b in zip(got, expected):
         assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------- streaming stores
+STREAM_CASES = {  # name -> (shape, memory format); every streamed run starts on a 64-byte line
+    "nchw_L16": ((6, 5, 4, 4), None),          # runs of 16 values
+    "ncl_L48": ((3, 4, 48), None),
+    "nc_C32": ((301, 32), None),               # odd row count: uneven thread split
+    "nhwc_C16": ((7, 16, 3, 5), torch.channels_last),
+    "nchw_L13": ((6, 5, 13, 1), None),         # runs that are not whole lines: never streamed
+    "nc_C7": ((50, 7), None),
+}
+
+
+def _all_passes(x, w, b, dy, act, slope):
+    y, m, v = cpu.train_forward(x, w, b, 1e-5, 1, act, slope)
+    dx, dw, db = cpu.backward(dy, x, y, w, b, m, v, 1e-5, 1, act, slope)
+    ye = cpu.eval_forward(x, m, v, w, b, 1e-3, 1, act, slope)
+    dxe, dwe, dbe = cpu.eval_backward(dy, x, ye, w, b, m, v, 1e-3, 1, act, slope)
+    return [t.clone() for t in (y, m, v, dx, dw, db, ye, dxe, dwe, dbe)]
+
+
+@pytest.mark.parametrize("act,slope", ACTS, ids=[a for a, _ in ACTS])
+@pytest.mark.parametrize("case", list(STREAM_CASES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_streaming_stores_give_the_same_bits_as_plain_stores(dtype, case, act, slope, runner, monkeypatch):
+    """Streaming changes only how outputs reach memory: every output equals the plain-store run to the
+    last bit (and so the oracle, which the plain path is held to above), on both runners."""
+    shape, fmt = STREAM_CASES[case]
+    torch.manual_seed(3)
+    x = (torch.randn(shape, dtype=torch.float64) * 2 + 0.5).to(dtype)
+    if fmt is not None:
+        x = x.contiguous(memory_format=fmt)
+    w, b = _affine(shape[1], dtype)
+    dy = torch.randn_like(x)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(cpu, "_MIN_PER_THREAD", 16)  # tiny inputs still split over two threads
+        monkeypatch.setattr(cpu, "STREAM_MIN_BYTES", 1 << 62)
+        plain = _all_passes(x, w, b, dy, act, slope)
+        monkeypatch.setattr(cpu, "STREAM_MIN_BYTES", 0)
+        streamed = _all_passes(x, w, b, dy, act, slope)
+    finally:
+        torch.set_num_threads(old)
+    names = ["y", "mean", "var", "dx", "dw", "db", "eval y", "eval dx", "eval dw", "eval db"]
+    for name, a, b_ in zip(names, plain, streamed):
+        assert torch.equal(a, b_), f"{name}: streaming and plain stores differ"
+    ref_y, _, _ = R.forward_train(_np(x), _np(w), _np(b), 1e-5, 1, act, slope)
+    ref_dx, _, _ = R.backward(_np(dy), _np(x), _np(w), _np(b), 1e-5, 1, act, slope)
+    rtol, atol = _tol(dtype)
+    assert_close(streamed[0], ref_y, rtol=rtol, atol=atol, what="streamed y vs oracle")
+    assert_close(streamed[3], ref_dx, rtol=rtol, atol=atol * np.abs(ref_dx).max(),
+                 what="streamed dx vs oracle")
+
+
+def test_which_outputs_are_streamed(monkeypatch):
+    monkeypatch.setattr(cpu, "STREAM_MIN_BYTES", 1024)
+    big = torch.empty(16, 16)  # 1024 bytes, rows of 64 bytes
+    assert big.data_ptr() % 64 == 0
+    assert cpu._streams(big, "relu", 16)
+    assert not cpu._streams(big, "elu", 16), "ELU's loops keep plain stores"
+    assert not cpu._streams(big, "relu", 8), "runs of 32 bytes are not whole lines"
+    assert not cpu._streams(torch.empty(15, 16), "relu", 16), "below the threshold"
+    off = torch.empty(16 * 16 + 1)[1:].view(16, 16)  # 4 bytes past a line start
+    assert not cpu._streams(off, "relu", 16), "a misaligned start is never streamed"
+    assert cpu._streams(torch.empty(8, 8, dtype=torch.float64).repeat(2, 1), "identity", 8)
+
+
+@pytest.mark.parametrize("raw,expected", [("", 8 << 20), ("0", 0), (" 1048576 ", 1 << 20)])
+def test_stream_threshold_from_the_environment(raw, expected, monkeypatch):
+    monkeypatch.setenv("BATCHNORM_STREAM_MIN_BYTES", raw)
+    assert cpu._env_bytes("BATCHNORM_STREAM_MIN_BYTES", 8 << 20) == expected
+
+
+@pytest.mark.parametrize("raw", ["8MB", "-1", "1e6"])
+def test_a_bad_stream_threshold_is_a_clear_error(raw, monkeypatch):
+    monkeypatch.setenv("BATCHNORM_STREAM_MIN_BYTES", raw)
+    with pytest.raises(ValueError, match=r"BATCHNORM_STREAM_MIN_BYTES.*whole number of bytes"):
+        cpu._env_bytes("BATCHNORM_STREAM_MIN_BYTES", 8 << 20)
+
+
+def test_large_outputs_are_streamed_by_default_and_match_torch():
+    """A default-threshold case that really streams (8 MiB output) still matches native torch."""
+    x = torch.randn(2048, 1024) * 2 + 1
+    w, b = _affine(1024, torch.float32)
+    y, _, _ = cpu.train_forward(x, w, b, 1e-5, 1, "relu", 0.0)
+    assert cpu._streams(y, "relu", 1024), "the case must take the streaming path"
+    ref = torch.relu(torch.nn.functional.batch_norm(x.double(), None, None, w.double(), b.double(), True))
+    torch.testing.assert_close(y.double(), ref, rtol=2e-6, atol=2e-6 * ref.abs().max().item())
+
+
+@settings(deadline=None)
+@given(m=st.integers(1, 70), c=st.sampled_from([1, 3, 8, 16, 24, 32, 40]), spatial=st.booleans(),
+       dtype=st.sampled_from(DTYPES), act=st.sampled_from(["identity", "relu", "leaky_relu"]),
+       seed=st.integers(0, 2**31 - 1))
+def test_streaming_equals_plain_stores_for_random_shapes(m, c, spatial, dtype, act, seed):
+    """Random (M, C) and (N, C, L) inputs on two threads: streamed outputs equal plain ones bit for bit,
+    whatever the row length and the split (rows on whole lines stream, the rest fall back per call)."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (m, c, 16) if spatial else (m, c)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 3 - 1).to(dtype)
+    w, b = _affine(c, dtype)
+    dy = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    saved = cpu.STREAM_MIN_BYTES, cpu._MIN_PER_THREAD, torch.get_num_threads()
+    torch.set_num_threads(2)
+    cpu._MIN_PER_THREAD = 8
+    try:
+        cpu.STREAM_MIN_BYTES = 1 << 62
+        plain = _all_passes(x, w, b, dy, act, 0.1)
+        cpu.STREAM_MIN_BYTES = 0
+        streamed = _all_passes(x, w, b, dy, act, 0.1)
+    finally:
+        cpu.STREAM_MIN_BYTES, cpu._MIN_PER_THREAD = saved[:2]
+        torch.set_num_threads(saved[2])
+    for a, b_ in zip(plain, streamed):
+        assert torch.equal(a, b_)
