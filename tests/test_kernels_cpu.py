@@ -714,3 +714,18 @@ def test_streaming_equals_plain_stores_for_random_shapes(m, c, spatial, dtype, a
         torch.set_num_threads(saved[2])
     for a, b_ in zip(plain, streamed):
         assert torch.equal(a, b_)
+
+
+@pytest.mark.skipif(__import__("platform").machine().lower() not in ("x86_64", "amd64"), reason="x86 code")
+def test_compiled_callbacks_contain_streaming_vector_stores():
+    """What the alignment contract of batchnorm.kernels._stream is for: a fresh compilation (no cache)
+    turns the streaming loops into vector non-temporal stores (movntps/vmovntpd), not scalar ones."""
+    import re
+
+    import numba as nb
+
+    if not _omp.runtime():
+        pytest.skip("the callbacks link against torch's OpenMP runtime")
+    fn = cpu._TEAM_FNS[("forward_mc", "f32")]
+    asm = nb.cfunc(cpu._CALLBACK_SIG, **{**cpu._STRICT, "cache": False})(fn)._library.get_asm_str()
+    assert re.search(r"\bv?movntps\s+%[xyz]mm", asm), "no vector streaming store in the compiled forward"
