@@ -4,6 +4,7 @@
     python benchmarks/bench.py --quick     # CI smoke test (tiny shapes)
     python benchmarks/bench.py --json out.json
     python benchmarks/bench.py --alloc     # output-allocation measurement
+    python benchmarks/bench.py --stream    # plain vs streaming output stores by size
 
 See :mod:`batchnorm.benchmark` for what is measured and how.
 """

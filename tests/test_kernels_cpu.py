@@ -729,3 +729,28 @@ def test_compiled_callbacks_contain_streaming_vector_stores():
     fn = cpu._TEAM_FNS[("forward_mc", "f32")]
     asm = nb.cfunc(cpu._CALLBACK_SIG, **{**cpu._STRICT, "cache": False})(fn)._library.get_asm_str()
     assert re.search(r"\bv?movntps\s+%[xyz]mm", asm), "no vector streaming store in the compiled forward"
+
+
+@pytest.mark.parametrize("act,slope", [("relu", 0.0), ("elu", 0.7)], ids=["relu", "elu"])
+def test_channel_blocks_with_a_short_last_block_match_the_oracle(act, slope, runner):
+    """(N, C, L) channels go in blocks of about 2 MiB: 256 KiB a channel here gives blocks of 8 channels
+    (forward) and 4 (backward), and each thread's 21 or 22 channels end with a shorter block."""
+    x = torch.randn(64, 43, 1000, dtype=torch.float64) * 2 + 0.5
+    x32 = x.float()
+    w, b = _affine(43, torch.float32)
+    dy = torch.randn_like(x32)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        y, m, v = cpu.train_forward(x32, w, b, 1e-5, 1, act, slope)
+        dx, dw, db = cpu.backward(dy, x32, y, w, b, m, v, 1e-5, 1, act, slope)
+    finally:
+        torch.set_num_threads(old)
+    ref_y, ref_m, ref_v = R.forward_train(_np(x32), _np(w), _np(b), 1e-5, 1, act, slope)
+    ref_dx, ref_dw, ref_db = R.backward(_np(dy), _np(x32), _np(w), _np(b), 1e-5, 1, act, slope)
+    assert_close(m, ref_m, rtol=1e-6, atol=1e-6 * np.sqrt(ref_v.max()), what="mean")
+    assert_close(v, ref_v, rtol=1e-5, atol=0, what="var")
+    assert_close(y, ref_y, rtol=2e-6, atol=2e-6, what="y")
+    assert_close(dx, ref_dx, rtol=2e-6, atol=2e-6 * np.abs(ref_dx).max(), what="dx")
+    assert_close(dw, ref_dw, rtol=2e-6, atol=2e-6 * np.abs(ref_dw).max(), what="dweight")
+    assert_close(db, ref_db, rtol=2e-6, atol=2e-6 * np.abs(ref_db).max(), what="dbias")
