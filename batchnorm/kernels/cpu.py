@@ -998,13 +998,18 @@ def _forward(x, mean, var, weight, bias, eps, axis, act, slope, train):
     eps = float(eps)
     nt = _threads(x.numel(), c if kind == "ncl" else shape[0])
     stream = _streams(y, act, shape[-1])
-    p1, p2 = (torch.zeros((nt, c), dtype=torch.float64) for _ in range(2)) if kind == "mc" else (None, None)
+    # (M, C) partial sums, one row per thread (train only: eval leaves their block slots 0, never read)
+    p1 = p2 = None
+    if kind == "mc" and train:
+        p1, p2 = torch.zeros((nt, c), dtype=torch.float64), torch.zeros((nt, c), dtype=torch.float64)
     if _omp.runtime():
         arrays = {"x": x, "y": y, "mean": mean, "var": var, "w": w, "b": b, "cst": cst, "sv": sv}
         if kind == "ncl":
             _launch("forward_ncl", arrays, shape, (train, False, elu, stream), eps, nt)
         else:
-            arrays.update(p1=p1, p2=p2, inv=torch.empty(c, dtype=torch.float64))
+            arrays["inv"] = torch.empty(c, dtype=torch.float64)
+            if train:
+                arrays.update(p1=p1, p2=p2)
             _launch("forward_mc", arrays, (*shape, nt), (train, False, elu, stream), eps, nt)
         return y
     # the Python thread pool (no OpenMP team to share): the same kernels on numpy views
@@ -1015,8 +1020,8 @@ def _forward(x, mean, var, weight, bias, eps, axis, act, slope, train):
                                  for lo, hi in _split(c, nt)])
         return y
     parts = _split(shape[0], nt)
-    p1, p2 = p1.numpy(), p2.numpy()
     if train:
+        p1, p2 = p1.numpy(), p2.numpy()
         _parallel(_sums_mc, [(xa, xa[0], p1[t], p2[t], sv, lo, hi) for t, (lo, hi) in enumerate(parts)])
         _stats_mc(xa, xa[0], p1, p2, m, v)
     _constants_mc(m, v, w, b, eps, cst, np.empty(c))
