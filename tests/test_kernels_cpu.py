@@ -754,3 +754,27 @@ def test_channel_blocks_with_a_short_last_block_match_the_oracle(act, slope, run
     assert_close(dx, ref_dx, rtol=2e-6, atol=2e-6 * np.abs(ref_dx).max(), what="dx")
     assert_close(dw, ref_dw, rtol=2e-6, atol=2e-6 * np.abs(ref_dw).max(), what="dweight")
     assert_close(db, ref_db, rtol=2e-6, atol=2e-6 * np.abs(ref_db).max(), what="dbias")
+
+
+def test_stream_store_accepts_only_contiguous_one_dimensional_rows():
+    """The intrinsic indexes from the data pointer: a strided or 2-D array is a compile-time error, not
+    a silent write to the wrong place."""
+    import numba as nb
+    from numba.core.errors import TypingError
+
+    from batchnorm.kernels import _stream
+
+    @nb.njit
+    def put(a, v):
+        for j in range(a.shape[0]):
+            _stream.store(a, j, v)
+        _stream.fence()
+
+    row = torch.zeros(64).numpy()  # (the contract: the row starts on a 64-byte line; numpy's own
+    assert row.ctypes.data % 64 == 0  # allocations are only 16-byte aligned, and would fault)
+    put(row, 2.5)
+    assert (row == 2.5).all()
+    with pytest.raises(TypingError):
+        put(np.zeros(128, dtype=np.float32)[::2], 1.0)
+    with pytest.raises(TypingError):
+        put(np.zeros((4, 16), dtype=np.float32), 1.0)
