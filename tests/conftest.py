@@ -20,3 +20,27 @@ def _seed():
     np.random.seed(0)
     random.seed(0)
     yield
+
+
+# -- the lab's tests (test_lab_*.py) --------------------------------------------------------------
+@pytest.fixture(scope="module")
+def digits():
+    """The bundled digits data set, loaded once per module."""
+    from batchnorm.lab.data import load_dataset
+
+    return load_dataset()
+
+
+@pytest.fixture
+def lab_runtime():
+    """As the lab runs: one thread, the composite torch backend (the CLI's default --backend, which
+    keeps these tests independent of numba compilation); the session's settings come back after."""
+    import batchnorm
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with batchnorm.use_backend("torch"):
+            yield
+    finally:
+        torch.set_num_threads(threads)

@@ -8,7 +8,6 @@ from torch import nn
 
 import batchnorm
 from batchnorm.lab import registry
-from batchnorm.lab.data import load_dataset
 from batchnorm.lab.models import MODEL_KINDS, Shift, bn_layers, build, cnn, mlp, sigmoid_layers, sigmoid_mlp
 from batchnorm.lab.registry import Context, Experiment, experiment, merge_config, verdict
 from batchnorm.lab.train import (
@@ -20,23 +19,7 @@ from batchnorm.lab.train import (
 )
 from batchnorm.stats import batch_moments
 
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset()
-
-
-@pytest.fixture(autouse=True)
-def _torch_backend():
-    # the lab runs on the composite torch backend (the CLI's default --backend): for its tiny tensors it
-    # is the fastest, and it keeps these tests independent of numba compilation
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with batchnorm.use_backend("torch"):
-            yield
-    finally:
-        torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("lab_runtime")  # (fixtures in conftest.py)
 
 
 # -- registry -----------------------------------------------------------------------------------

@@ -5,12 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
-import batchnorm
 from batchnorm.lab import registry
 from batchnorm.lab.common import reach_ratio
-from batchnorm.lab.data import load_dataset
 from batchnorm.lab.models import build
 from batchnorm.lab.registry import AGREES, DISAGREES, PARTLY, Context, NullProgress
 from batchnorm.lab.train import TrainConfig, train
@@ -26,20 +23,7 @@ TINY = {
 }
 
 
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset()
-
-
-@pytest.fixture(autouse=True)
-def _lab_runtime():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with batchnorm.use_backend("torch"):
-            yield
-    finally:
-        torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("lab_runtime")  # (fixtures in conftest.py)
 
 
 @pytest.mark.parametrize("name", list(TINY))
