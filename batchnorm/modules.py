@@ -182,7 +182,7 @@ class _BatchNorm(nn.Module):
             return F.batch_norm_eval(x, self.running_mean, self.running_var, self.weight, self.bias,
                                      eps=self.eps, channel_axis=axis, activation=self.activation,
                                      negative_slope=self.negative_slope)
-        return self._train_step(F.batch_norm_train, x, axis)
+        return self._train_step(F.batch_norm_train, x, axis, inplace_stats=True)
 
     def _train_step(self, fn, x: torch.Tensor, axis: int, **extra: Any) -> torch.Tensor:
         """Run a training-mode functional op (state in, state out) with this layer's flags.

@@ -267,6 +267,66 @@ def test_update_running_stats_formula_and_purity(momentum, unbiased):
     assert_close(st.var, (1 - f) * np64(rv) + f * v_in, what="EMA/cumulative formula")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("momentum", [0.1, None, 0.0, 1.0, 0.37])
+@pytest.mark.parametrize("unbiased", [True, False])
+@pytest.mark.parametrize("n", [1, 2, 12])
+def test_update_running_stats_inplace_writes_the_same_bits_into_the_buffers(dtype, momentum, unbiased, n):
+    torch.manual_seed(n)
+    rm, rv = torch.randn(37).to(dtype), (torch.rand(37) + 1).to(dtype)
+    for stats_dtype in (torch.float64, dtype):  # the kernels' float64 statistics, and the torch path's
+        bm, bv = torch.randn(37, dtype=torch.float64).to(stats_dtype), torch.rand(37).to(stats_dtype) * 3
+        nbt = torch.tensor(5)
+        pure = F.update_running_stats(rm, rv, bm, bv, n, momentum, nbt, unbiased)
+        saved = [bits(t) for t in (bm, bv)]
+        brm, brv, bnbt = rm.clone(), rv.clone(), nbt.clone()
+        out = F.update_running_stats(brm, brv, bm, bv, n, momentum, bnbt, unbiased, inplace=True)
+        assert out.mean is brm and out.var is brv and out.num_batches_tracked is bnbt
+        assert tensors_bit_equal(brm, pure.mean) and tensors_bit_equal(brv, pure.var)
+        assert int(bnbt) == 6 and int(nbt) == 5
+        assert all(torch.equal(bits(t), b) for t, b in zip((bm, bv), saved, strict=True)), \
+            "the batch statistics were written"
+
+
+def test_update_running_stats_inplace_without_a_count():
+    rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    bm, bv = torch.arange(3.0, dtype=torch.float64), torch.full((3,), 2.0, dtype=torch.float64)
+    out = F.update_running_stats(rm, rv, bm, bv, 4, 0.5, None, inplace=True)
+    assert out.num_batches_tracked is None and out.mean is rm
+    assert_close(rm, [0.0, 0.5, 1.0], what="mean")
+    assert_close(rv, [0.5 + 0.5 * 2.0 * 4 / 3] * 3, what="var")
+
+
+def test_batch_norm_train_inplace_stats_updates_the_buffers_like_the_pure_call():
+    x = torch.randn(6, 3, 2, 2) * 2 + 1
+    w, b = torch.rand(3) + 0.5, torch.randn(3)
+    rm, rv, nbt = torch.randn(3), torch.rand(3) + 1, torch.tensor(2)
+    for momentum in (0.1, None):
+        y0, pure = F.batch_norm_train(x, rm, rv, w, b, momentum=momentum, num_batches_tracked=nbt)
+        brm, brv, bnbt = rm.clone(), rv.clone(), nbt.clone()
+        y1, st = F.batch_norm_train(x, brm, brv, w, b, momentum=momentum, num_batches_tracked=bnbt,
+                                    inplace_stats=True)
+        assert st.mean is brm and st.var is brv and st.num_batches_tracked is bnbt
+        assert tensors_bit_equal(y0, y1)
+        for got, want in zip(st, pure, strict=True):
+            assert tensors_bit_equal(got, want)
+
+
+def test_batch_norm_train_inplace_stats_changes_nothing_on_a_rejected_call():
+    x = torch.randn(6, 3)
+    rm, rv, nbt = torch.randn(3), torch.rand(3) + 1, torch.tensor(2)
+    saved = [bits(t) for t in (rm, rv, nbt)]
+    with pytest.raises(ValueError, match="eps"):
+        F.batch_norm_train(x, rm, rv, num_batches_tracked=nbt, eps=-1.0, inplace_stats=True)
+    xn = x.clone()
+    xn[0, 1] = float("nan")
+    with pytest.raises(FloatingPointError, match="left unchanged"):
+        F.batch_norm_train(xn, rm, rv, num_batches_tracked=nbt, nonfinite="raise", inplace_stats=True)
+    _, st = F.batch_norm_train(xn, rm, rv, num_batches_tracked=nbt, nonfinite="skip", inplace_stats=True)
+    assert st.mean is rm
+    assert all(torch.equal(bits(t), s) for t, s in zip((rm, rv, nbt), saved, strict=True))
+
+
 def test_cumulative_average_equals_plain_average_of_batch_statistics():
     rm, rv, nbt = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64), torch.tensor(0)
     means, vars_ = [], []

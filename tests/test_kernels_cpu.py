@@ -778,3 +778,99 @@ def test_stream_store_accepts_only_contiguous_one_dimensional_rows():
         put(np.zeros(128, dtype=np.float32)[::2], 1.0)
     with pytest.raises(TypingError):
         put(np.zeros((4, 16), dtype=np.float32), 1.0)
+
+
+# -- running statistics in place ---------------------------------------------------------------------
+def _pure_update(rm, rv, bm, bv, f, corr):
+    """batchnorm.functional.update_running_stats's torch ops, spelled with its factor and correction."""
+    acc = rm.dtype
+    new_m = (f * bm.to(acc) + (1.0 - f) * rm)
+    new_v = (f * (bv.to(acc) * corr) + (1.0 - f) * rv)
+    return new_m, new_v
+
+
+@settings(deadline=None, max_examples=60)
+@given(c=st.integers(1, 700), dtype=st.sampled_from([torch.float32, torch.float64]),
+       f=st.one_of(st.sampled_from([0.0, 1.0, 0.1, 0.01]), st.floats(0.0, 1.0)),
+       n=st.integers(2, 10_000), scale=st.sampled_from([1e-3, 1.0, 1e4]), seed=st.integers(0, 2**31 - 1))
+def test_compiled_running_update_equals_the_torch_ops_bit_for_bit(c, dtype, f, n, scale, seed):
+    if not _omp.runtime():
+        pytest.skip("the compiled update runs as a callback on torch's OpenMP runtime")
+    g = torch.Generator().manual_seed(seed)
+    rm = (torch.randn(c, generator=g, dtype=torch.float64) * scale).to(dtype)
+    rv = (torch.rand(c, generator=g, dtype=torch.float64) * scale).to(dtype)
+    bm = torch.randn(c, generator=g, dtype=torch.float64) * scale
+    bv = torch.rand(c, generator=g, dtype=torch.float64) * scale
+    corr = n / (n - 1)
+    want_m, want_v = _pure_update(rm, rv, bm, bv, f, corr)
+    bm0, bv0 = bm.clone(), bv.clone()
+    assert cpu.update_running_(rm, rv, bm, bv, f, corr)
+    assert torch.equal(rm.view(-1).view(torch.uint8), want_m.view(torch.uint8))
+    assert torch.equal(rv.view(-1).view(torch.uint8), want_v.view(torch.uint8))
+    assert torch.equal(bm, bm0) and torch.equal(bv, bv0)
+
+
+@pytest.mark.parametrize("case", ["float16", "mixed", "strided", "stats32", "length", "meta"])
+def test_compiled_running_update_declines_what_it_cannot_do_and_touches_nothing(case):
+    rm, rv = torch.randn(6), torch.rand(6) + 1
+    bm, bv = torch.randn(6, dtype=torch.float64), torch.rand(6, dtype=torch.float64)
+    if case == "float16":
+        rm, rv = rm.half(), rv.half()
+    elif case == "mixed":
+        rv = rv.double()
+    elif case == "strided":
+        rm = torch.randn(12)[::2]
+    elif case == "stats32":
+        bm = bm.float()
+    elif case == "length":
+        bv = torch.rand(5, dtype=torch.float64)
+    elif case == "meta":
+        rm = torch.empty(6, device="meta")
+    before = [t.clone() for t in (rm, rv, bm, bv)]
+    assert not cpu.update_running_(rm, rv, bm, bv, 0.1, 1.0)
+    for t, b in zip((rm, rv, bm, bv), before, strict=True):
+        assert t.device.type == "meta" or torch.equal(t, b)
+
+
+def test_modules_update_their_buffers_in_place_through_the_compiled_update(monkeypatch):
+    """A module's training step writes its running statistics into the very buffer tensors (references
+    stay valid), through the compiled update where it applies, with the pure path's numbers."""
+    calls = []
+    real = cpu.update_running_
+
+    def spy(*args):
+        calls.append(args[-2:])
+        return real(*args)
+
+    monkeypatch.setattr(cpu, "update_running_", spy)
+    torch.manual_seed(0)
+    m = batchnorm.BatchNorm2d(3)
+    ids = [id(t) for t in (m.running_mean, m.running_var, m.num_batches_tracked)]
+    x = torch.randn(4, 3, 5, 5) * 2 + 1
+    _, want = F.batch_norm_train(x, m.running_mean, m.running_var, m.weight, m.bias,
+                                 num_batches_tracked=m.num_batches_tracked)
+    m(x)
+    assert [id(t) for t in (m.running_mean, m.running_var, m.num_batches_tracked)] == ids
+    assert torch.equal(m.running_mean, want.mean) and torch.equal(m.running_var, want.var)
+    assert int(m.num_batches_tracked) == 1
+    if _omp.runtime():
+        assert calls == [(0.1, 100 / 99)]
+    # and the torch path (no compiled update) gives the same numbers
+    monkeypatch.setattr(cpu, "update_running_", lambda *a: False)
+    m2 = batchnorm.BatchNorm2d(3)
+    m2(x)
+    assert torch.equal(m2.running_mean, want.mean) and torch.equal(m2.running_var, want.var)
+
+
+@pytest.mark.skipif(__import__("platform").machine().lower() not in ("x86_64", "amd64"), reason="x86 code")
+def test_compiled_running_update_has_no_fused_multiply_add():
+    """numba passes a caller's fast-math flags down to callees that set none: the update sets
+    fastmath=False so that a fresh compilation keeps every product rounded (torch's bits)."""
+    import numba as nb
+
+    if not _omp.runtime():
+        pytest.skip("the callbacks link against torch's OpenMP runtime")
+    fn = cpu._TEAM_FNS[("running", "f32")]
+    asm = nb.cfunc(cpu._CALLBACK_SIG, **{**cpu._STRICT, "cache": False})(fn)._library.get_asm_str()
+    assert "vmulss" in asm or "vmulps" in asm or "mulss" in asm, "the update's code was not found"
+    assert "vfmadd" not in asm and "vfmsub" not in asm and "vfnmadd" not in asm
