@@ -413,7 +413,7 @@ def _fold(a, p, C, zero):
 
 @nb.njit(**_STRICT)
 def _sums_mc(x, k, p1, p2, sv, r0, r1):
-    """Shifted sums of rows [r0, r1) into the float64 vectors p1, p2.
+    """p1, p2 (float64 vectors, overwritten) ← the shifted sums of rows [r0, r1).
 
     Groups of R rows are summed lane by lane as one stretch of W = R·C contiguous values (lane j·C + c
     is channel c of the group's j-th row), four groups per update of the lane sums, so a small C still
@@ -423,6 +423,8 @@ def _sums_mc(x, k, p1, p2, sv, r0, r1):
     M, C = x.shape
     R, W = _lanes(C)
     zero = sv[0]
+    p1[:] = 0.0
+    p2[:] = 0.0
     groups = (r1 - r0) // R // 4 * 4  # whole groups, in fours
     v = x.reshape(M * C)[r0 * C:(r0 + groups * R) * C].reshape((groups, W))  # group g = row g of v
     kw = _tile(k, W)
@@ -512,7 +514,7 @@ def _dz(xv, dyv, yv, h, lo, sc, bb, zero, one, neg, alpha, elu):
 
 @nb.njit(**_STRICT)
 def _grad_sums_mc(x, dy, y, elu, cst, sv, pg, ph, r0, r1):
-    """g = Σ dz and h' = Σ dz·(x − hi) of rows [r0, r1) into the float64 vectors pg, ph.
+    """pg, ph (float64 vectors, overwritten) ← g = Σ dz and h' = Σ dz·(x − hi) of rows [r0, r1).
 
     Same lane layout as :func:`_sums_mc`: groups of R rows as W = R·C lanes, four groups per update;
     ELU (whose derivative reads y) goes row by row, which keeps the compiled code small.
@@ -520,6 +522,8 @@ def _grad_sums_mc(x, dy, y, elu, cst, sv, pg, ph, r0, r1):
     M, C = x.shape
     R, W = _lanes(C)
     zero, one, neg, alpha = sv[0], sv[1], sv[2], sv[3]
+    pg[:] = 0.0
+    ph[:] = 0.0
     hw, lw, sw, bw = _tile(cst[0], W), _tile(cst[1], W), _tile(cst[2], W), _tile(cst[3], W)
     groups = 0 if elu else (r1 - r0) // R // 4 * 4  # whole groups, in fours (ELU: row by row, less code)
     lo_, hi_ = r0 * C, (r0 + groups * R) * C
@@ -657,7 +661,7 @@ def _team_forward_mc_body(blk, dt):
     f64 = np.float64
     x, cst, sv = _at(blk[_B_X], (M, C), dt), _at(blk[_B_CST], (6, C), dt), _at(blk[_B_SV], 4, dt)
     k = x[0]  # the shift: each channel's first value
-    p1, p2 = _at(blk[_B_P1], (S, C), f64), _at(blk[_B_P2], (S, C), f64)  # zeroed, one row per member
+    p1, p2 = _at(blk[_B_P1], (S, C), f64), _at(blk[_B_P2], (S, C), f64)  # one row per member
     mean, var = _at(blk[_B_MEAN], C, f64), _at(blk[_B_VAR], C, f64)
     train = blk[_B_TRAIN] != 0
     if train:
@@ -688,7 +692,10 @@ def _team_backward_mc_body(blk, dt):
     _omp.barrier()
     if blk[_B_SUMS] != 0:
         _grad_sums_mc(x, dy, y, elu, cst, sv, pg[t], ph[t], r0, r1)
-        _omp.barrier()
+    else:  # (no dγ, dβ and no batch statistics: the sums are not needed; the merge reads zeros)
+        pg[t, :] = 0.0
+        ph[t, :] = 0.0
+    _omp.barrier()
     if t == 0:
         _grad_coefs_mc(pg, ph, _at(blk[_B_W], C, f64), _at(blk[_B_INV], C, f64), M, blk[_B_TRAIN] != 0, cst,
                        _at(blk[_B_DW], C, f64), _at(blk[_B_DB], C, f64))
@@ -833,19 +840,20 @@ _SLOTS = {"x": _B_X, "y": _B_Y, "dy": _B_DY, "dx": _B_DX, "mean": _B_MEAN, "var"
           "inv": _B_INV}
 
 
-def _block(arrays: dict[str, torch.Tensor], sizes: tuple[int, ...], flags: tuple[bool, bool, bool, bool],
-           eps: float) -> array.array:
+def _block(arrays: dict[str, torch.Tensor | int], sizes: tuple[int, ...],
+           flags: tuple[bool, bool, bool, bool], eps: float) -> array.array:
     """The int64 argument block of a team task (see the layout above); ``flags`` = (train, sums, elu, nt).
 
     A stdlib ``array`` (0.7 µs to build, against 5 µs for a torch tensor); its address is
-    ``block.buffer_info()[0]`` and it must stay referenced until the task returns.
+    ``block.buffer_info()[0]`` and it must stay referenced until the task returns. An entry of
+    ``arrays`` is a tensor or an address (an int) in a tensor the caller keeps alive.
     """
     vals = [0] * _BLOCK
     vals[_B_N], vals[_B_C], vals[_B_L] = sizes
     vals[_B_TRAIN], vals[_B_SUMS], vals[_B_ELU], vals[_B_NT] = (int(f) for f in flags)
     vals[_B_EPS] = struct.unpack("<q", struct.pack("<d", eps))[0]  # the float64's bits
     for key, t in arrays.items():
-        vals[_SLOTS[key]] = t.data_ptr()
+        vals[_SLOTS[key]] = t if type(t) is int else t.data_ptr()
     return array.array("q", vals)
 
 
@@ -960,14 +968,40 @@ def _vec(t: torch.Tensor | None, c: int, fill: float) -> torch.Tensor:
 _SV_CACHE: dict[tuple, torch.Tensor] = {}
 
 
-def _consts(dtype, c: int, act: str, slope: float) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """The kernels' per-channel constant table and scalar vector (in the input dtype), and the ELU flag."""
+def _sv(dtype, act: str, slope: float) -> torch.Tensor:
+    """The kernels' scalar vector [0, 1, neg, α] in the input dtype (read-only; a few per model)."""
     key = (dtype, act, float(slope))
     sv = _SV_CACHE.get(key)
-    if sv is None:  # (read-only for the kernels; a few entries per model)
+    if sv is None:
         neg = {"identity": 1.0, "relu": 0.0, "leaky_relu": slope, "elu": 0.0}[act]
         sv = _SV_CACHE.setdefault(key, torch.tensor([0.0, 1.0, neg, slope], dtype=dtype))
-    return torch.empty((6, c), dtype=dtype), sv, act == "elu"
+    return sv
+
+
+def _scratch(dtype, c: int, parts: int) -> tuple[torch.Tensor, dict[str, int]]:
+    """A call's scratch in one allocation (each torch allocation costs ~1 µs: a small layer's step
+    made nine): the constant table ``cst`` (6, C) in the input dtype and, for the (M, C) kernels
+    (``parts`` > 0), ``inv`` (C,) and the partial-sum tables ``p1``, ``p2`` (parts, C) in float64,
+    which the kernels overwrite before they read them. Returns the buffer (keep it referenced until
+    the task returns) and each table's address."""
+    n64 = c * (1 + 2 * parts) if parts else 0
+    ws = torch.empty(8 * n64 + 6 * c * (8 if dtype == torch.float64 else 4), dtype=torch.uint8)
+    base = ws.data_ptr()
+    addr = {"cst": base + 8 * n64}
+    if parts:
+        addr.update(inv=base, p1=base + 8 * c, p2=base + 8 * c * (1 + parts))
+    return ws, addr
+
+
+def _scratch_np(ws: torch.Tensor, dtype, c: int, parts: int) -> dict[str, np.ndarray]:
+    """The tables of :func:`_scratch` as numpy views (for the Python thread pool)."""
+    raw, n64 = ws.numpy(), c * (1 + 2 * parts) if parts else 0
+    f64 = raw[:8 * n64].view(np.float64)
+    out = {"cst": raw[8 * n64:].view(np.float64 if dtype == torch.float64 else np.float32).reshape(6, c)}
+    if parts:
+        out.update(inv=f64[:c], p1=f64[c:c * (1 + parts)].reshape(parts, c),
+                   p2=f64[c * (1 + parts):].reshape(parts, c))
+    return out
 
 
 def _env_bytes(name: str, default: int) -> int:
@@ -1011,7 +1045,7 @@ def supports(x: torch.Tensor, channel_axis: int, act: str) -> bool:
             and _plan(x, channel_axis % x.ndim) is not None)
 
 
-def _launch(op: str, arrays: dict[str, torch.Tensor], sizes: tuple[int, ...],
+def _launch(op: str, arrays: dict[str, torch.Tensor | int], sizes: tuple[int, ...],
             flags: tuple[bool, bool, bool, bool],
             eps: float, threads: int) -> None:
     """One team task: ``op`` over ``arrays`` (all dense, in x's memory order) on ``threads`` threads."""
@@ -1027,37 +1061,32 @@ def _forward(x, mean, var, weight, bias, eps, axis, act, slope, train):
     c = x.shape[axis]
     y = _empty_like(x)
     w, b = _vec(weight, c, 1.0), _vec(bias, c, 0.0)
-    cst, sv, elu = _consts(x.dtype, c, act, slope)
+    sv, elu = _sv(x.dtype, act, slope), act == "elu"
     eps = float(eps)
     nt = _threads(x.numel(), c if kind == "ncl" else shape[0])
     stream = _streams(y, act, shape[-1])
-    # (M, C) partial sums, one row per thread (train only: eval leaves their block slots 0, never read)
-    p1 = p2 = None
-    if kind == "mc" and train:
-        p1, p2 = torch.zeros((nt, c), dtype=torch.float64), torch.zeros((nt, c), dtype=torch.float64)
+    # cst; for (M, C) also inv and the partial sums, one row per thread (eval: never read)
+    ws, scratch = _scratch(x.dtype, c, nt if kind == "mc" else 0)
     if _omp.runtime():
-        arrays = {"x": x, "y": y, "mean": mean, "var": var, "w": w, "b": b, "cst": cst, "sv": sv}
-        if kind == "ncl":
-            _launch("forward_ncl", arrays, shape, (train, False, elu, stream), eps, nt)
-        else:
-            arrays["inv"] = torch.empty(c, dtype=torch.float64)
-            if train:
-                arrays.update(p1=p1, p2=p2)
-            _launch("forward_mc", arrays, (*shape, nt), (train, False, elu, stream), eps, nt)
+        arrays = {"x": x, "y": y, "mean": mean, "var": var, "w": w, "b": b, "sv": sv, **scratch}
+        sizes = shape if kind == "ncl" else (*shape, nt)
+        _launch("forward_" + kind, arrays, sizes, (train, False, elu, stream), eps, nt)
         return y
     # the Python thread pool (no OpenMP team to share): the same kernels on numpy views
     xa, ya = _np(x, plan), _np(y, plan)
-    m, v, w, b, cst, sv = (t.numpy() for t in (mean, var, w, b, cst, sv))
+    m, v, w, b, sv = (t.numpy() for t in (mean, var, w, b, sv))
+    tables = _scratch_np(ws, x.dtype, c, nt if kind == "mc" else 0)
+    cst = tables["cst"]
     if kind == "ncl":
         _parallel(_forward_ncl, [(xa, ya, m, v, w, b, eps, train, elu, stream, cst, sv, lo, hi)
                                  for lo, hi in _split(c, nt)])
         return y
     parts = _split(shape[0], nt)
     if train:
-        p1, p2 = p1.numpy(), p2.numpy()
+        p1, p2 = tables["p1"], tables["p2"]
         _parallel(_sums_mc, [(xa, xa[0], p1[t], p2[t], sv, lo, hi) for t, (lo, hi) in enumerate(parts)])
         _stats_mc(xa, xa[0], p1, p2, m, v)
-    _constants_mc(m, v, w, b, eps, cst, np.empty(c))
+    _constants_mc(m, v, w, b, eps, cst, tables["inv"])
     _parallel(_apply_mc, [(xa, ya, elu, stream, cst, sv, lo, hi) for lo, hi in parts])
     return y
 
@@ -1095,33 +1124,34 @@ def _backward(dy, x, y, weight, bias, mean, var, eps, axis, act, slope, train):
     dw = torch.empty(c, dtype=torch.float64)
     db = torch.empty(c, dtype=torch.float64)
     sums = train or weight is not None or bias is not None
-    cst, sv, elu = _consts(x.dtype, c, act, slope)
+    sv, elu = _sv(x.dtype, act, slope), act == "elu"
     eps = float(eps)
     nt = _threads(x.numel(), c if kind == "ncl" else shape[0])
     stream = _streams(dx, act, shape[-1])
-    arrays = {"x": x, "dy": dy, "y": y, "dx": dx, "mean": m, "var": v, "w": w, "b": b, "cst": cst, "sv": sv,
-              "dw": dw, "db": db}
-    if kind == "mc":
-        f64 = torch.float64
-        arrays.update(p1=torch.zeros((nt, c), dtype=f64), p2=torch.zeros((nt, c), dtype=f64),
-                      inv=torch.empty(c, dtype=f64))
+    ws, scratch = _scratch(x.dtype, c, nt if kind == "mc" else 0)
     if _omp.runtime():
+        arrays = {"x": x, "dy": dy, "y": y, "dx": dx, "mean": m, "var": v, "w": w, "b": b, "sv": sv,
+                  "dw": dw, "db": db, **scratch}
         sizes = shape if kind == "ncl" else (*shape, nt)
         _launch("backward_" + kind, arrays, sizes, (train, sums, elu, stream), eps, nt)
     else:  # the Python thread pool
-        xa, dya, ya, dxa = (_np(arrays[k], plan) for k in ("x", "dy", "y", "dx"))
-        names = ("mean", "var", "w", "b", "cst", "sv", "dw", "db")
-        m_, v_, w_, b_, cst_, sv_, dw_, db_ = (arrays[k].numpy() for k in names)
+        xa, dya, ya, dxa = (_np(t, plan) for t in (x, dy, y, dx))
+        m_, v_, w_, b_, sv_, dw_, db_ = (t.numpy() for t in (m, v, w, b, sv, dw, db))
+        tables = _scratch_np(ws, x.dtype, c, nt if kind == "mc" else 0)
+        cst_ = tables["cst"]
         if kind == "ncl":
             args = (xa, dya, ya, dxa, m_, v_, w_, b_, eps, train, sums, elu, stream, cst_, sv_, dw_, db_)
             _parallel(_backward_ncl, [(*args, lo, hi) for lo, hi in _split(c, nt)])
         else:
-            pg, ph, inv = arrays["p1"].numpy(), arrays["p2"].numpy(), arrays["inv"].numpy()
+            pg, ph, inv = tables["p1"], tables["p2"], tables["inv"]
             _constants_mc(m_, v_, w_, b_, eps, cst_, inv)
             parts = _split(shape[0], nt)
             if sums:
                 _parallel(_grad_sums_mc, [(xa, dya, ya, elu, cst_, sv_, pg[t], ph[t], lo, hi)
                                           for t, (lo, hi) in enumerate(parts)])
+            else:
+                pg[:] = 0.0
+                ph[:] = 0.0
             _grad_coefs_mc(pg, ph, w_, inv, shape[0], train, cst_, dw_, db_)
             _parallel(_dx_mc, [(xa, dya, ya, dxa, elu, stream, cst_, sv_, lo, hi) for lo, hi in parts])
     dweight = None if weight is None else dw.to(weight.dtype)
