@@ -30,7 +30,6 @@ as NHWC); ranks 2 to 5. Normalisation uses the biased batch variance with ε ins
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -175,8 +174,9 @@ def update_running_stats(
 
     ``inplace=True`` writes the result into ``running_mean``, ``running_var`` and
     ``num_batches_tracked`` (as ``torch.nn.functional.batch_norm`` does) and returns those very
-    tensors: the same numbers to the last bit, without allocating new ones (the modules use it; a
-    training step of a small layer saves about 40 µs). ``batch_mean``/``batch_var`` are never written.
+    tensors: the same numbers to the last bit, without new tensors to allocate and copy back (the
+    modules use it: about 25 µs less per training step of a small layer). ``batch_mean`` and
+    ``batch_var`` are never written.
     """
     if momentum is None:
         if num_batches_tracked is None:
@@ -188,12 +188,6 @@ def update_running_stats(
     acc = acc_dtype(running_mean.dtype)
     corr = n / (n - 1) if unbiased and n > 1 else 1.0
     if inplace and running_mean.dtype == acc and running_var.dtype == acc:
-        kernels = sys.modules.get("batchnorm.kernels.cpu")  # (only where the fast kernels are loaded)
-        if (kernels is not None and not torch.compiler.is_compiling()
-                and kernels.update_running_(running_mean, running_var, batch_mean, batch_var, factor, corr)):
-            if num_batches_tracked is not None:
-                num_batches_tracked.add_(1)
-            return RunningStats(running_mean, running_var, num_batches_tracked)
         # the same operations as below, each into a fresh tensor or the buffer itself, so the same bits
         # (x · y and y · x, a + b and b + a round alike); .to may return batch_mean itself: never mul_ it
         with torch.no_grad():

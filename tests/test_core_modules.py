@@ -11,6 +11,7 @@ the permuted tensor. These tests run on whatever backend ``auto`` picks.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 
@@ -30,6 +31,8 @@ from _util import assert_close
 from torch import nn
 
 import batchnorm
+from batchnorm import functional as F
+from batchnorm import kernels
 from batchnorm import reference as R
 from batchnorm.modules import CONVENTIONS
 
@@ -580,3 +583,24 @@ def test_half_precision_module_keeps_its_dtype(dtype):
     tm.eval()
     x = (torch.randn(3, C, 3, 3) + 3).to(dtype)
     assert_close(om(x), tm(x), rtol=tol, atol=tol, what="eval vs torch")
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_training_step_writes_the_running_statistics_into_the_same_buffer_tensors(backend, momentum):
+    """The modules update their buffers in place (batch_norm_train(inplace_stats=True)): references
+    to the buffers stay valid, and the numbers are the pure functional call's, bit for bit."""
+    torch.manual_seed(0)
+    m = batchnorm.BatchNormAct2d(3, activation="relu", momentum=momentum)
+    held = (m.running_mean, m.running_var, m.num_batches_tracked)
+    x = torch.randn(4, 3, 5, 5) * 2 + 1
+    for step in range(3):
+        with kernels.use_backend(backend) if backend != "auto" else contextlib.nullcontext():
+            _, want = F.batch_norm_train(x + step, m.running_mean, m.running_var, m.weight, m.bias,
+                                         momentum=momentum, num_batches_tracked=m.num_batches_tracked,
+                                         activation="relu")
+            m(x + step)
+        assert all(a is b for a, b in zip((m.running_mean, m.running_var, m.num_batches_tracked), held))
+        for got, w in zip(held, want, strict=True):
+            assert torch.equal(got, w)
+    assert int(m.num_batches_tracked) == 3

@@ -423,8 +423,9 @@ def _sums_mc(x, k, p1, p2, sv, r0, r1):
     M, C = x.shape
     R, W = _lanes(C)
     zero = sv[0]
-    p1[:] = 0.0
-    p2[:] = 0.0
+    for c in range(C):  # (explicit loops: a slice assignment costs compile time)
+        p1[c] = 0.0
+        p2[c] = 0.0
     groups = (r1 - r0) // R // 4 * 4  # whole groups, in fours
     v = x.reshape(M * C)[r0 * C:(r0 + groups * R) * C].reshape((groups, W))  # group g = row g of v
     kw = _tile(k, W)
@@ -522,8 +523,9 @@ def _grad_sums_mc(x, dy, y, elu, cst, sv, pg, ph, r0, r1):
     M, C = x.shape
     R, W = _lanes(C)
     zero, one, neg, alpha = sv[0], sv[1], sv[2], sv[3]
-    pg[:] = 0.0
-    ph[:] = 0.0
+    for c in range(C):
+        pg[c] = 0.0
+        ph[c] = 0.0
     hw, lw, sw, bw = _tile(cst[0], W), _tile(cst[1], W), _tile(cst[2], W), _tile(cst[3], W)
     groups = 0 if elu else (r1 - r0) // R // 4 * 4  # whole groups, in fours (ELU: row by row, less code)
     lo_, hi_ = r0 * C, (r0 + groups * R) * C
@@ -693,36 +695,15 @@ def _team_backward_mc_body(blk, dt):
     if blk[_B_SUMS] != 0:
         _grad_sums_mc(x, dy, y, elu, cst, sv, pg[t], ph[t], r0, r1)
     else:  # (no dγ, dβ and no batch statistics: the sums are not needed; the merge reads zeros)
-        pg[t, :] = 0.0
-        ph[t, :] = 0.0
+        for c in range(C):
+            pg[t, c] = 0.0
+            ph[t, c] = 0.0
     _omp.barrier()
     if t == 0:
         _grad_coefs_mc(pg, ph, _at(blk[_B_W], C, f64), _at(blk[_B_INV], C, f64), M, blk[_B_TRAIN] != 0, cst,
                        _at(blk[_B_DW], C, f64), _at(blk[_B_DB], C, f64))
     _omp.barrier()
     _dx_mc(x, dy, y, _at(blk[_B_DX], (M, C), dt), elu, blk[_B_NT] != 0, cst, sv, r0, r1)
-
-
-# Running statistics, in place: (C, running_mean, running_var, batch_mean, batch_var, f, 1 − f, n/(n−1)),
-# pointers and the three scalars' float64 bits. No fast-math at all (not even contraction into fused
-# multiply-adds, which numba otherwise passes down from the _STRICT callback): every product and sum
-# is rounded on its own, in the buffers' dtype, as torch's ops round them (the same bits as
-# batchnorm.functional.update_running_stats's torch path, which the tests check).
-_R_C, _R_RM, _R_RV, _R_BM, _R_BV, _R_F, _R_G, _R_CORR = range(8)
-
-
-@nb.njit(cache=True, nogil=True, error_model="numpy", fastmath=False)  # (unset, it inherits the caller's)
-def _running_body(blk, dt):
-    """r ← (1 − f)·r + f·s for the mean, and with s = var·n/(n−1) for the variance, all in ``dt``."""
-    C = blk[_R_C]
-    f64 = np.float64
-    rm, rv = _at(blk[_R_RM], C, dt), _at(blk[_R_RV], C, dt)
-    bm, bv = _at(blk[_R_BM], C, f64), _at(blk[_R_BV], C, f64)
-    sc = blk[_R_F:].view(f64)
-    f, g, corr = dt(sc[0]), dt(sc[1]), dt(sc[2])
-    for c in range(C):
-        rm[c] = g * rm[c] + f * dt(bm[c])
-        rv[c] = g * rv[c] + f * (dt(bv[c]) * corr)
 
 
 # The callbacks ``void fn(int64 *block)``: one per operation and dtype, compiled only when used.
@@ -758,18 +739,9 @@ def _team_backward_mc_f64(data):
     _team_backward_mc_body(carray(data, _BLOCK), np.float64)
 
 
-def _team_running_f32(data):
-    _running_body(carray(data, 8), np.float32)
-
-
-def _team_running_f64(data):
-    _running_body(carray(data, 8), np.float64)
-
-
 _TEAM_FNS = {(fn.__name__[6:-4], fn.__name__[-3:]): fn for fn in (
     _team_forward_ncl_f32, _team_forward_ncl_f64, _team_backward_ncl_f32, _team_backward_ncl_f64,
-    _team_forward_mc_f32, _team_forward_mc_f64, _team_backward_mc_f32, _team_backward_mc_f64,
-    _team_running_f32, _team_running_f64)}
+    _team_forward_mc_f32, _team_forward_mc_f64, _team_backward_mc_f32, _team_backward_mc_f64)}
 _team_cfuncs: dict[tuple[str, str], int] = {}
 _team_keep: list = []  # the compiled libraries the callbacks' addresses point into
 _team_lock = threading.Lock()
@@ -1168,26 +1140,3 @@ def eval_backward(dy, x, y, weight, bias, mean, var, eps, channel_axis, act, slo
     """Backward of :func:`eval_forward` w.r.t. x, γ, β (statistics are constants)."""
     return _backward(dy, x, y, weight, bias, mean, var, eps, channel_axis, act, slope, False)
 
-
-def update_running_(running_mean, running_var, batch_mean, batch_var, factor: float, corr: float) -> bool:
-    """``r ← (1 − f)·r + f·s`` in place in the running buffers (the variance's ``s`` times ``corr``), as
-    one compiled call instead of ten torch ops (~25 µs a training step of a small layer). Returns
-    False, touching nothing, where it does not apply: buffers not both contiguous float32 or both
-    float64 on the CPU, batch statistics not contiguous float64 of the same length, or no OpenMP
-    runtime. The numbers equal the torch ops' of :func:`batchnorm.functional.update_running_stats`.
-    """
-    dt = running_mean.dtype
-    c = running_mean.numel()
-    if not (dt in (torch.float32, torch.float64) and running_var.dtype == dt
-            and batch_mean.dtype == torch.float64 and batch_var.dtype == torch.float64
-            and running_mean.device.type == "cpu" and running_var.device.type == "cpu"
-            and batch_mean.device.type == "cpu" and batch_var.device.type == "cpu"
-            and running_var.numel() == c and batch_mean.numel() == c and batch_var.numel() == c
-            and running_mean.is_contiguous() and running_var.is_contiguous()
-            and batch_mean.is_contiguous() and batch_var.is_contiguous() and _omp.runtime()):
-        return False
-    bits = struct.unpack("<3q", struct.pack("<3d", factor, 1.0 - factor, corr))
-    blk = array.array("q", (c, running_mean.data_ptr(), running_var.data_ptr(), batch_mean.data_ptr(),
-                            batch_var.data_ptr(), *bits))
-    _omp.run(_team_address("running", "f64" if dt == torch.float64 else "f32"), blk.buffer_info()[0], 1)
-    return True
