@@ -127,3 +127,24 @@ def test_bad_limit_is_rejected_and_the_limit_kept(bad):
     with pytest.raises(ValueError, match="expected a byte count >= 0"):
         _pool.set_limit(bad)
     assert _pool.limit() == before
+
+
+@pytest.mark.parametrize("raw,expected", [("0", 0), ("512", 512 << 20), ("0.5", 1 << 19), (" 64 ", 64 << 20)])
+def test_pool_limit_from_the_environment(raw, expected, monkeypatch):
+    monkeypatch.setenv("BATCHNORM_POOL_MB", raw)
+    assert _pool._default_limit() == expected
+
+
+def test_pool_limit_default_when_unset_or_empty(monkeypatch):
+    monkeypatch.delenv("BATCHNORM_POOL_MB", raising=False)
+    default = _pool._default_limit()
+    assert default > 0
+    monkeypatch.setenv("BATCHNORM_POOL_MB", "")
+    assert _pool._default_limit() == default
+
+
+@pytest.mark.parametrize("raw", ["512MB", "-1", "nan", "inf", "lots"])
+def test_a_bad_pool_limit_in_the_environment_is_a_clear_error(raw, monkeypatch):
+    monkeypatch.setenv("BATCHNORM_POOL_MB", raw)
+    with pytest.raises(ValueError, match=r"BATCHNORM_POOL_MB=.* is not a number of MiB >= 0; unset it"):
+        _pool._default_limit()

@@ -37,12 +37,16 @@ _use_count = getattr(torch._C, "_storage_Use_Count", None)
 
 
 def _default_limit() -> int:
-    env = os.environ.get("BATCHNORM_POOL_MB")
-    if env is not None:
+    raw = os.environ.get("BATCHNORM_POOL_MB", "").strip()
+    if raw:
         try:
-            return max(0, int(float(env) * (1 << 20)))
+            mb = float(raw)
         except ValueError:
-            pass
+            mb = -1.0
+        if not 0 <= mb < float("inf"):  # (also NaN)
+            raise ValueError(f"batchnorm: BATCHNORM_POOL_MB={raw!r} is not a number of MiB >= 0; unset it "
+                             f"(default: 1/8 of the memory), or give e.g. 512, or 0 to turn the pool off")
+        return int(mb * (1 << 20))
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 8
     except (ValueError, OSError, AttributeError):
