@@ -267,11 +267,22 @@ def test_update_running_stats_formula_and_purity(momentum, unbiased):
     assert_close(st.var, (1 - f) * np64(rv) + f * v_in, what="EMA/cumulative formula")
 
 
+@pytest.mark.parametrize("path", ["numpy", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("momentum", [0.1, None, 0.0, 1.0, 0.37])
 @pytest.mark.parametrize("unbiased", [True, False])
 @pytest.mark.parametrize("n", [1, 2, 12])
-def test_update_running_stats_inplace_writes_the_same_bits_into_the_buffers(dtype, momentum, unbiased, n):
+def test_update_running_stats_inplace_writes_the_same_bits_into_the_buffers(
+        path, dtype, momentum, unbiased, n, monkeypatch):
+    """In place (NumPy ufuncs on the buffers where they apply, else torch ops) = the pure call's bits."""
+    used = []
+    real = F._update_with_numpy
+
+    def spy(*args):
+        used.append(path == "numpy" and real(*args))
+        return used[-1]
+
+    monkeypatch.setattr(F, "_update_with_numpy", spy)
     torch.manual_seed(n)
     rm, rv = torch.randn(37).to(dtype), (torch.rand(37) + 1).to(dtype)
     for stats_dtype in (torch.float64, dtype):  # the kernels' float64 statistics, and the torch path's
@@ -286,6 +297,47 @@ def test_update_running_stats_inplace_writes_the_same_bits_into_the_buffers(dtyp
         assert int(bnbt) == 6 and int(nbt) == 5
         assert all(torch.equal(bits(t), b) for t, b in zip((bm, bv), saved, strict=True)), \
             "the batch statistics were written"
+    if dtype in (torch.float32, torch.float64):  # (narrower buffers compute in float32, then store)
+        assert used == [path == "numpy"] * 2
+
+
+def test_update_running_stats_inplace_bumps_the_version_so_autograd_notices():
+    """A graph that saved the running statistics (an eval-mode forward) must not silently use
+    statistics that a training step changed afterwards: the NumPy writes bump the buffers' version
+    counters as torch's in-place ops do, and backward raises."""
+    m = batchnorm.BatchNorm1d(3)
+    m.eval()
+    x = torch.randn(8, 3, requires_grad=True)
+    y = m(x)
+    versions = (m.running_mean._version, m.running_var._version)
+    m.train()
+    m(torch.randn(8, 3))
+    assert m.running_mean._version > versions[0] and m.running_var._version > versions[1]
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+def test_update_running_stats_inplace_falls_back_where_numpy_cannot_write():
+    """Buffers that require grad (NumPy cannot view them): the torch ops, with the same bits."""
+    rm, rv = torch.randn(5), torch.rand(5) + 1
+    bm, bv = torch.randn(5, dtype=torch.float64), torch.rand(5, dtype=torch.float64)
+    pure = F.update_running_stats(rm, rv, bm, bv, 7, 0.3)
+    grm, grv = rm.clone().requires_grad_(), rv.clone().requires_grad_()
+    assert not F._update_with_numpy(grm, grv, bm, bv, 0.3, 7 / 6)
+    assert torch.equal(grm, rm) and torch.equal(grv, rv), "a declined update must write nothing"
+    F.update_running_stats(grm, grv, bm, bv, 7, 0.3, inplace=True)
+    assert tensors_bit_equal(grm.detach(), pure.mean) and tensors_bit_equal(grv.detach(), pure.var)
+
+
+def test_update_running_stats_inplace_with_infinite_statistics_warns_nothing():
+    """Inf/NaN batch statistics propagate into the buffers quietly (torch's behaviour; the test suite
+    turns warnings into errors)."""
+    rm, rv = torch.zeros(3), torch.ones(3)
+    bm = torch.tensor([float("inf"), float("nan"), 1.0], dtype=torch.float64)
+    bv = torch.tensor([float("inf"), 1.0, 1e300], dtype=torch.float64)
+    pure = F.update_running_stats(rm, rv, bm, bv, 4, 1.0)
+    F.update_running_stats(rm, rv, bm, bv, 4, 1.0, inplace=True)
+    assert tensors_bit_equal(rm, pure.mean) and tensors_bit_equal(rv, pure.var)
 
 
 def test_update_running_stats_inplace_without_a_count():
