@@ -110,11 +110,11 @@ and y only for ELU — nothing of the input's size is allocated for the backward
 Compilation: lazily at first use, ``cache=True``, cache folder from
 :mod:`batchnorm.kernels._numba_setup`. Importing :mod:`batchnorm` imports neither this module nor
 numba. One callback per operation × layout × dtype is compiled, only when used. First use of one
-layout and dtype (forward + backward), measured on the 2-core machine: cold (fresh cache) 5.9 s for
-NCHW float32, 8.7 s for channels-last float32 (7.5 s more when a model uses both); cached 0.28 s —
-0.2 s of it importing numba. A cache hit is loaded without numba's full target refresh
-(:func:`_load_cached_callback`), which would import all of numba's NumPy support and, through it,
-SciPy's BLAS (0.6 s before); later calls pay nothing.
+layout and dtype (forward + backward), measured on the 2-core machine: cold (fresh cache) 5.9–6.5 s
+for NCHW float32, 8.7–10.0 s for channels-last float32 (the same code on different days; 7.5 s more
+when a model uses both); cached 0.28 s — 0.2 s of it importing numba. A cache hit is loaded
+without numba's full target refresh (:func:`_load_cached_callback`), which would import all of
+numba's NumPy support and, through it, SciPy's BLAS (0.6 s before); later calls pay nothing.
 """
 
 from __future__ import annotations
