@@ -96,19 +96,35 @@ class BatchNormEvalFn(torch.autograd.Function):
                 None, None, None, None)
 
 
+def _records(*tensors) -> bool:
+    """Whether autograd would record an op on these tensors (grad mode on, one of them needs grad)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def train_apply(x, weight, bias, eps, channel_axis, act, slope):
-    """``(y, mean, var)`` of BN training: :class:`BatchNormTrainFn` eagerly, the custom op when compiling."""
+    """``(y, mean, var)`` of BN training: :class:`BatchNormTrainFn` eagerly, the custom op when compiling.
+
+    With nothing to record (``no_grad``, or no input needs grad: recalibration, inference-style
+    passes) the backend runs directly: the same call the Function's forward makes, without its
+    ~10 µs of bookkeeping."""
     if torch.compiler.is_compiling():
         from . import ops
 
         return ops.train_forward(x, weight, bias, eps, channel_axis, act, slope)
+    if not _records(x, weight, bias):
+        backend = kernels.select(x, channel_axis, act)
+        return backend.train_forward(x, weight, bias, eps, channel_axis, act, slope)
     return BatchNormTrainFn.apply(x, weight, bias, eps, channel_axis, act, slope)
 
 
 def eval_apply(x, mean, var, weight, bias, eps, channel_axis, act, slope):
-    """``y`` of BN with given statistics: :class:`BatchNormEvalFn` eagerly, the custom op when compiling."""
+    """``y`` of BN with given statistics: :class:`BatchNormEvalFn` eagerly, the custom op when compiling
+    (and, with nothing to record, the backend directly, as in :func:`train_apply`)."""
     if torch.compiler.is_compiling():
         from . import ops
 
         return ops.eval_forward(x, mean, var, weight, bias, eps, channel_axis, act, slope)
+    if not _records(x, weight, bias):  # (the statistics are constants to autograd either way)
+        backend = kernels.select(x, channel_axis, act)
+        return backend.eval_forward(x, mean, var, weight, bias, eps, channel_axis, act, slope)
     return BatchNormEvalFn.apply(x, mean, var, weight, bias, eps, channel_axis, act, slope)
