@@ -216,26 +216,16 @@ def update_running_stats(
         factor = float(momentum)
     acc = acc_dtype(running_mean.dtype)
     corr = n / (n - 1) if unbiased and n > 1 else 1.0
-    if inplace and running_mean.dtype == acc and running_var.dtype == acc:
-        if _update_with_numpy(running_mean, running_var, batch_mean, batch_var, factor, corr):
-            if num_batches_tracked is not None:
-                num_batches_tracked.add_(1)
-            return RunningStats(running_mean, running_var, num_batches_tracked)
-        # the same operations as below, each into a fresh tensor or the buffer itself, so the same bits
-        # (x · y and y · x, a + b and b + a round alike); .to may return batch_mean itself: never mul_ it
-        with torch.no_grad():
-            new_m = torch.mul(batch_mean.to(acc), factor)
-            new_v = torch.mul(batch_var.to(acc), corr).mul_(factor)
-            running_mean.mul_(1.0 - factor).add_(new_m)
-            running_var.mul_(1.0 - factor).add_(new_v)
-            if num_batches_tracked is not None:
-                num_batches_tracked.add_(1)
+    if (inplace and running_mean.dtype == acc and running_var.dtype == acc
+            and _update_with_numpy(running_mean, running_var, batch_mean, batch_var, factor, corr)):
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
         return RunningStats(running_mean, running_var, num_batches_tracked)
     nbt = None if num_batches_tracked is None else num_batches_tracked + 1
     bv = batch_var.to(acc) * corr
     new_mean = (factor * batch_mean.to(acc) + (1.0 - factor) * running_mean.to(acc)).to(running_mean.dtype)
     new_var = (factor * bv + (1.0 - factor) * running_var.to(acc)).to(running_var.dtype)
-    if inplace:  # buffers in a narrower dtype (float16, bfloat16): computed as above, then stored
+    if inplace:  # where NumPy cannot write (float16/bfloat16 buffers, torch.compile, ...): store the above
         with torch.no_grad():
             running_mean.copy_(new_mean)
             running_var.copy_(new_var)

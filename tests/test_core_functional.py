@@ -274,7 +274,8 @@ def test_update_running_stats_formula_and_purity(momentum, unbiased):
 @pytest.mark.parametrize("n", [1, 2, 12])
 def test_update_running_stats_inplace_writes_the_same_bits_into_the_buffers(
         path, dtype, momentum, unbiased, n, monkeypatch):
-    """In place (NumPy ufuncs on the buffers where they apply, else torch ops) = the pure call's bits."""
+    """In place (NumPy ufuncs on the buffers where they apply, else the pure result copied in) = the
+    pure call's bits."""
     used = []
     real = F._update_with_numpy
 
