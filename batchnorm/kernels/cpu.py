@@ -121,6 +121,7 @@ from __future__ import annotations
 
 import array
 import concurrent.futures
+import functools
 import math
 import os
 import struct
@@ -950,30 +951,36 @@ def _sv(dtype, act: str, slope: float) -> torch.Tensor:
     return sv
 
 
+@functools.lru_cache(maxsize=256)
+def _scratch_layout(dtype, c: int, parts: int) -> tuple[int, dict[str, tuple[int, tuple[int, ...], type]]]:
+    """Size in bytes of :func:`_scratch`'s buffer and where each table lies in it: name → (byte
+    offset, shape, numpy dtype). The float64 tables first (8-byte aligned), ``cst`` last."""
+    f64, n64 = np.float64, c * (1 + 2 * parts) if parts else 0
+    dt = f64 if dtype == torch.float64 else np.float32
+    tables = {"cst": (8 * n64, (6, c), dt)}
+    if parts:
+        tables.update(inv=(0, (c,), f64), p1=(8 * c, (parts, c), f64),
+                      p2=(8 * c * (1 + parts), (parts, c), f64))
+    return 8 * n64 + 6 * c * np.dtype(dt).itemsize, tables
+
+
 def _scratch(dtype, c: int, parts: int) -> tuple[torch.Tensor, dict[str, int]]:
     """A call's scratch in one allocation (each torch allocation costs ~1 µs: a small layer's step
     made nine): the constant table ``cst`` (6, C) in the input dtype and, for the (M, C) kernels
     (``parts`` > 0), ``inv`` (C,) and the partial-sum tables ``p1``, ``p2`` (parts, C) in float64,
     which the kernels overwrite before they read them. Returns the buffer (keep it referenced until
     the task returns) and each table's address."""
-    n64 = c * (1 + 2 * parts) if parts else 0
-    ws = torch.empty(8 * n64 + 6 * c * (8 if dtype == torch.float64 else 4), dtype=torch.uint8)
+    nbytes, tables = _scratch_layout(dtype, c, parts)
+    ws = torch.empty(nbytes, dtype=torch.uint8)
     base = ws.data_ptr()
-    addr = {"cst": base + 8 * n64}
-    if parts:
-        addr.update(inv=base, p1=base + 8 * c, p2=base + 8 * c * (1 + parts))
-    return ws, addr
+    return ws, {name: base + off for name, (off, _, _) in tables.items()}
 
 
 def _scratch_np(ws: torch.Tensor, dtype, c: int, parts: int) -> dict[str, np.ndarray]:
     """The tables of :func:`_scratch` as numpy views (for the Python thread pool)."""
-    raw, n64 = ws.numpy(), c * (1 + 2 * parts) if parts else 0
-    f64 = raw[:8 * n64].view(np.float64)
-    out = {"cst": raw[8 * n64:].view(np.float64 if dtype == torch.float64 else np.float32).reshape(6, c)}
-    if parts:
-        out.update(inv=f64[:c], p1=f64[c:c * (1 + parts)].reshape(parts, c),
-                   p2=f64[c * (1 + parts):].reshape(parts, c))
-    return out
+    raw = ws.numpy()
+    return {name: raw[off:off + math.prod(shape) * np.dtype(dt).itemsize].view(dt).reshape(shape)
+            for name, (off, shape, dt) in _scratch_layout(dtype, c, parts)[1].items()}
 
 
 def _env_bytes(name: str, default: int) -> int:
