@@ -36,16 +36,26 @@ _held = 0
 _use_count = getattr(torch._C, "_storage_Use_Count", None)
 
 
+def env_amount(name: str, parse: type[int] | type[float], what: str, hint: str) -> int | float | None:
+    """The amount in environment variable ``name`` read by ``parse`` (int or float), or None when it
+    is unset or empty. A value that does not parse, or is negative, NaN or infinite, raises a
+    ValueError naming the variable, ``what`` it must be and ``hint`` (the kernels' settings share it)."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        value = parse(raw)
+    except ValueError:
+        value = -1
+    if not 0 <= value < float("inf"):  # (also NaN)
+        raise ValueError(f"batchnorm: {name}={raw!r} is not {what} >= 0; {hint}")
+    return value
+
+
 def _default_limit() -> int:
-    raw = os.environ.get("BATCHNORM_POOL_MB", "").strip()
-    if raw:
-        try:
-            mb = float(raw)
-        except ValueError:
-            mb = -1.0
-        if not 0 <= mb < float("inf"):  # (also NaN)
-            raise ValueError(f"batchnorm: BATCHNORM_POOL_MB={raw!r} is not a number of MiB >= 0; unset it "
-                             f"(default: 1/8 of the memory), or give e.g. 512, or 0 to turn the pool off")
+    mb = env_amount("BATCHNORM_POOL_MB", float, "a number of MiB",
+                    "unset it (default: 1/8 of the memory), or give e.g. 512, or 0 to turn the pool off")
+    if mb is not None:
         return int(mb * (1 << 20))
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 8

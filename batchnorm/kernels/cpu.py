@@ -984,17 +984,8 @@ def _scratch_np(ws: torch.Tensor, dtype, c: int, parts: int) -> dict[str, np.nda
 
 
 def _env_bytes(name: str, default: int) -> int:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise ValueError(f"batchnorm: {name}={raw!r} is not a whole number of bytes >= 0; unset it or give "
-                         f"e.g. {default}")
-    return value
+    value = _pool.env_amount(name, int, "a whole number of bytes", f"unset it or give e.g. {default}")
+    return default if value is None else value
 
 
 STREAM_MIN_BYTES = _env_bytes("BATCHNORM_STREAM_MIN_BYTES", 8 << 20)
