@@ -216,7 +216,8 @@ class _BatchNorm(nn.Module):
     def _store_running_stats(self, new: F.RunningStats) -> None:
         """Copy a step's returned statistics into the buffers (in place, so references stay valid).
 
-        The functional ops return the very buffer tensors when nothing changed (a skipped batch),
+        The functional ops return the very buffer tensors when nothing changed (a skipped batch) or
+        when they wrote into them (``batch_norm_train(inplace_stats=True)``, the plain layers' path),
         in which case there is nothing to copy.
         """
         if new.mean is self.running_mean:
