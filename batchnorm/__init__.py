@@ -3,16 +3,29 @@
 The public surface is listed in ``__all__``. Importing the package loads torch and this package's
 own small modules only; the numba kernels compile lazily on first use and the lab
 (``batchnorm.lab``) is never imported from here.
+
+Layout (imports only go down; see ``docs/architecture.md``)::
+
+    lab/         experiments, data, report, CLI (never imported by the library)
+    bench/       what ``batchnorm bench`` runs
+    lifecycle/   recalibrate, freeze, fold, convert, checkpoint, conventions, onnx, diagnostics
+    family/      renorm, ghost, inplace, sync
+    core/        functional, autograd + custom ops, modules
+    kernels/     backend dispatch, numba CPU kernels, the torch composite reference
+    stats.py, reference.py, _checks.py   the foundation every layer may import
+
+The flat module paths of version 0.1 (``batchnorm.fold``, ``batchnorm.modules``, …) still import,
+as aliases of the moved modules (:data:`_MOVED`), so user code and pickled models keep working.
 """
 
-from . import functional, kernels, reference, stats
-from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
-from .conventions import export_convention, load_convention
-from .convert import convert_to_batchnorm, convert_to_torch
-from .diagnostics import BNDiagnostics, Watch, diagnose
-from .fold import find_foldable, fold_bn, fold_conv_bn
-from .freeze import FrozenBatchNorm, freeze, unfreeze
-from .functional import (
+import importlib as _importlib
+import importlib.abc as _importlib_abc
+import importlib.util as _importlib_util
+import sys as _sys
+
+from . import kernels, reference, stats
+from .core import functional
+from .core.functional import (
     RunningStats,
     batch_norm,
     batch_norm_eval,
@@ -20,10 +33,7 @@ from .functional import (
     moments,
     update_running_stats,
 )
-from .ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d, ghost_batch_norm_train
-from .inplace import InPlaceABN1d, InPlaceABN2d, InPlaceABN3d, inplace_abn_eval, inplace_abn_train
-from .kernels import backend_for, get_backend, set_backend, use_backend
-from .modules import (
+from .core.modules import (
     CONVENTIONS,
     BatchNorm1d,
     BatchNorm2d,
@@ -32,11 +42,61 @@ from .modules import (
     BatchNormAct2d,
     BatchNormAct3d,
 )
-from .recalibrate import RecalibrationReport, recalibrate
-from .renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, RenormSchedule, batch_renorm_train
-from .sync import SyncBatchNorm, SyncBatchNormError, convert_sync_batchnorm
+from .family.ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d, ghost_batch_norm_train
+from .family.inplace import InPlaceABN1d, InPlaceABN2d, InPlaceABN3d, inplace_abn_eval, inplace_abn_train
+from .family.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, RenormSchedule, batch_renorm_train
+from .family.sync import SyncBatchNorm, SyncBatchNormError, convert_sync_batchnorm
+from .kernels import backend_for, get_backend, set_backend, use_backend
+from .lifecycle.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from .lifecycle.conventions import export_convention, load_convention
+from .lifecycle.convert import convert_to_batchnorm, convert_to_torch
+from .lifecycle.diagnostics import BNDiagnostics, Watch, diagnose
+from .lifecycle.fold import find_foldable, fold_bn, fold_conv_bn
+from .lifecycle.freeze import FrozenBatchNorm, freeze, unfreeze
+from .lifecycle.recalibrate import RecalibrationReport, recalibrate
 
 __version__ = "0.1.0"
+
+#: Old flat module path (0.1) -> where the module lives now. ``import batchnorm.fold`` and pickles
+#: that name ``batchnorm.modules.BatchNorm2d`` resolve to the same module objects as the new paths.
+_MOVED = {
+    "functional": "core.functional", "autograd": "core.autograd", "ops": "core.ops",
+    "modules": "core.modules", "_bnlayers": "core._bnlayers",
+    "renorm": "family.renorm", "ghost": "family.ghost", "inplace": "family.inplace", "sync": "family.sync",
+    "recalibrate": "lifecycle.recalibrate", "freeze": "lifecycle.freeze", "fold": "lifecycle.fold",
+    "convert": "lifecycle.convert", "checkpoint": "lifecycle.checkpoint",
+    "conventions": "lifecycle.conventions", "onnx": "lifecycle.onnx", "diagnostics": "lifecycle.diagnostics",
+    "benchmark": "bench.layers", "benchmark_inplace": "bench.inplace",
+}
+
+
+class _MovedModuleFinder(_importlib_abc.MetaPathFinder, _importlib_abc.Loader):
+    """Resolves ``batchnorm.<old name>`` to the moved module, imported only when asked for."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        head, _, tail = fullname.partition(".")
+        if head != __name__ or tail not in _MOVED:
+            return None
+        return _importlib_util.spec_from_loader(fullname, self)
+
+    def create_module(self, spec):
+        return _importlib.import_module(f"{__name__}.{_MOVED[spec.name.partition('.')[2]]}")
+
+    def exec_module(self, module):  # already executed under its new name
+        pass
+
+
+if not any(isinstance(f, _MovedModuleFinder) for f in _sys.meta_path):
+    _sys.meta_path.append(_MovedModuleFinder())
+
+
+def __getattr__(name: str):
+    # ``batchnorm.onnx.export(...)`` and other old module attributes (the functions ``freeze`` and
+    # ``recalibrate`` keep their names: a module attribute is only looked up when nothing else is).
+    if name in _MOVED:
+        return _importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "CONVENTIONS",

@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return int(lab_main([cmd, *rest]) or 0)
     if cmd == "bench":
-        from .benchmark import main as bench_main
+        from .bench.layers import main as bench_main
 
         return int(bench_main(rest) or 0)
     print(f"batchnorm: unknown command {cmd!r}\n\n{_USAGE}", file=sys.stderr)

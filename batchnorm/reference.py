@@ -4,7 +4,7 @@ Every backend of the library (the torch composite path, the numba kernels, SyncB
 Ghost BN, recalibration) is tested against the functions in this file. They favour clarity over
 speed, compute everything in float64, and never mutate their inputs.
 
-Conventions (the same as :mod:`batchnorm.functional`):
+Conventions (the same as :mod:`batchnorm.core.functional`):
 
 * ``x`` has its channels on ``channel_axis`` (1 for NCHW, -1 for NHWC); statistics are taken
   per channel over every other axis, ``n = x.size // C`` values per channel.

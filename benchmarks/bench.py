@@ -6,12 +6,12 @@
     python benchmarks/bench.py --alloc     # output-allocation measurement
     python benchmarks/bench.py --stream    # plain vs streaming output stores by size
 
-See :mod:`batchnorm.benchmark` for what is measured and how.
+See :mod:`batchnorm.bench.layers` for what is measured and how.
 """
 
 from __future__ import annotations
 
-from batchnorm.benchmark import main
+from batchnorm.bench.layers import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

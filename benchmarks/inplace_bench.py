@@ -4,12 +4,12 @@
     python benchmarks/inplace_bench.py             # 4 × (conv3×3 → BN → LeakyReLU) at 32×64×56×56
     python benchmarks/inplace_bench.py --quick     # CI smoke test
 
-See :mod:`batchnorm.benchmark_inplace` for what is measured and how.
+See :mod:`batchnorm.bench.inplace` for what is measured and how.
 """
 
 from __future__ import annotations
 
-from batchnorm.benchmark_inplace import main
+from batchnorm.bench.inplace import main
 
 if __name__ == "__main__":
     main()

@@ -1,6 +1,6 @@
 """numba CPU kernels for in-place activated BN (InPlace-ABN): forward in place, backward from the output.
 
-Used by :mod:`batchnorm.inplace` for float32/float64 CPU tensors whose memory is either
+Used by :mod:`batchnorm.family.inplace` for float32/float64 CPU tensors whose memory is either
 
 * ``(N, C, L)`` — a contiguous tensor with channels on any axis, viewed as (before, C, after);
   one thread owns whole channels (``prange`` over C), so the two statistics passes and the write
@@ -28,7 +28,7 @@ per element.
 Compiled lazily on first call, ``cache=True``, in the cache folder chosen by
 :mod:`batchnorm.kernels._numba_setup` (``NUMBA_CACHE_DIR`` if set). ``error_model="numpy"`` so
 divisions are not guarded by Python's ZeroDivisionError check (which blocks vectorisation).
-Threads: :mod:`batchnorm.inplace` sets them before each call — as many as torch uses, or one
+Threads: :mod:`batchnorm.family.inplace` sets them before each call — as many as torch uses, or one
 for small inputs — and restores torch's count afterwards (numba's OpenMP layer shares it).
 """
 

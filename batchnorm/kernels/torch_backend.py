@@ -143,3 +143,15 @@ def eval_backward(dy, x, y, weight, bias, mean, var, eps, channel_axis, act, slo
     if bias is not None:
         dbias = dz.sum(dim=dims).to(bias.dtype)
     return dx, dweight, dbias
+
+
+def differentiable_train_backward(dy, x, weight, bias, eps, channel_axis, act, slope):
+    """The closed-form training backward as differentiable torch ops, for double backward.
+
+    The statistics are recomputed from ``x`` with grad (the saved ones are constants to autograd),
+    so differentiating this gives exact second derivatives. Used by
+    :class:`batchnorm.core.autograd.BatchNormTrainFn` and by the custom op's autograd in
+    :mod:`batchnorm.core.ops` (it lives here so that neither of them imports the other).
+    """
+    m, v, _ = batch_moments(x, channel_axis)
+    return backward(dy, x, None, weight, bias, m, v, eps, channel_axis, act, slope)

@@ -24,7 +24,8 @@ How a step works (every rank runs the same loop):
   set is evaluated data-parallel too (each rank a strided shard, sums all-reduced), so the history
   is the same on every rank; rank 0 prints it and writes ``--out``.
 
-A rank that dies or falls out of step makes the others fail with :class:`batchnorm.sync.SyncBatchNormError`
+A rank that dies or falls out of step makes the others fail with
+:class:`batchnorm.family.sync.SyncBatchNormError`
 after ``--timeout`` seconds instead of hanging.
 """
 
@@ -47,7 +48,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
-from batchnorm.sync import convert_sync_batchnorm
+from batchnorm.family.sync import convert_sync_batchnorm
 
 from .data import Dataset, load_dataset
 from .models import MODEL_KINDS, build

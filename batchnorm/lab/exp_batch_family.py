@@ -10,10 +10,10 @@ Set-up: article 002's CNN (conv3×3 → norm → ReLU → max-pool, twice, then 
 data set in use, with the normalisation layer swapped:
 
 * ``bn`` — :class:`batchnorm.BatchNorm2d`;
-* ``renorm`` — :class:`batchnorm.renorm.BatchRenorm2d` with the paper's warm-up schedule scaled to
+* ``renorm`` — :class:`batchnorm.family.renorm.BatchRenorm2d` with the paper's warm-up schedule scaled to
   the run (plain BN for the first ``renorm_warmup`` of the steps, then linear ramps reaching
   ``r_max`` at ``renorm_r_end`` and ``d_max`` at ``renorm_d_end`` of the steps);
-* ``ghost`` — :class:`batchnorm.ghost.GhostBatchNorm2d` with ``virtual_batch_size`` (batches no
+* ``ghost`` — :class:`batchnorm.family.ghost.GhostBatchNorm2d` with ``virtual_batch_size`` (batches no
   larger than it are one ghost batch, i.e. plain BN: ``remainder="merge_last"``);
 * ``group`` — ``torch.nn.GroupNorm(groups, C)``; ``layer`` — ``torch.nn.GroupNorm(1, C)``, LayerNorm
   over (C, H, W) as in Wu & He's comparison.
@@ -34,8 +34,8 @@ import torch
 from torch import nn
 
 from batchnorm import BatchNorm2d
-from batchnorm.ghost import GhostBatchNorm2d
-from batchnorm.renorm import BatchRenorm2d, RenormSchedule
+from batchnorm.family.ghost import GhostBatchNorm2d
+from batchnorm.family.renorm import BatchRenorm2d, RenormSchedule
 
 from .common import fmt_pm, new_figure, summary
 from .models import cnn

@@ -9,7 +9,7 @@ How we measure the percentiles: at each evaluation point the whole test set is p
 network in *training* mode (BN normalises with that batch's statistics, as during training; the
 running buffers are restored afterwards), and a forward pre-hook on the last ``nn.Sigmoid`` takes
 its input, ``(n_test, 100)``; the percentiles are per unit, over the test images. (A local hook, not
-:mod:`batchnorm.diagnostics`: that module pools all units of a layer into one distribution, and
+:mod:`batchnorm.lifecycle.diagnostics`: that module pools all units of a layer into one distribution, and
 the figure is about one unit.)
 
 Per unit we summarise the movement by

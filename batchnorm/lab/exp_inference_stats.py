@@ -8,7 +8,7 @@ computed side by side from the same batches — running statistics never influen
 weights are identical for every estimator:
 
 * EMA with each momentum in ``momenta`` (PyTorch convention: weight of the new batch; 0.01 is
-  Keras/article 003's decay 0.99), via :func:`batchnorm.functional.update_running_stats`;
+  Keras/article 003's decay 0.99), via :func:`batchnorm.core.functional.update_running_stats`;
 * the cumulative average over all batches (``momentum=None``);
 * the cumulative average over the last complete epoch (article 000's recipe);
 * the exact training-set statistics with the weights fixed
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from batchnorm.functional import update_running_stats
+from batchnorm.core.functional import update_running_stats
 from batchnorm.stats import batch_moments
 
 from .common import band, fmt_pm, new_figure, summary

@@ -10,7 +10,7 @@ hidden pre-activation (:class:`batchnorm.lab.models.Shift`, between the Linear a
 with and without BN, and the same two networks unshifted as controls. At each evaluation point,
 on a fixed probe batch of training images in training mode (buffers restored afterwards):
 
-* the fraction of saturated units per layer, from :class:`batchnorm.diagnostics.BNDiagnostics`
+* the fraction of saturated units per layer, from :class:`batchnorm.lifecycle.diagnostics.BNDiagnostics`
   (``|z| > threshold`` on the sigmoid input; threshold 4 by default: σ'(4) ≈ 0.018, 7 % of σ'(0));
 * the gradient norm ``‖∂L/∂W_l‖`` of each Linear layer's weight (``torch.autograd.grad``, so the
   optimiser's gradients are untouched).
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from batchnorm.diagnostics import BNDiagnostics, Watch
+from batchnorm.lifecycle.diagnostics import BNDiagnostics, Watch
 
 from .common import COLORS, band, fmt_pm, new_figure, summary
 from .models import build
@@ -216,7 +216,7 @@ def _report(result: dict[str, Any]) -> Section:
         f"{cfg['batch_size']}). "
         f"Solid: pre-activations shifted by {shift:g}; dotted: the unshifted controls. Saturation and "
         f"gradient norms are measured on a fixed probe batch of {cfg['probe']} training images, in training "
-        f"mode, with batchnorm.diagnostics (saturated: |sigmoid input| > {cfg['threshold']:g})."
+        f"mode, with batchnorm.lifecycle.diagnostics (saturated: |sigmoid input| > {cfg['threshold']:g})."
     )
     return Section(
         title="4. Sigmoid saturation with shifted pre-activations",

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from batchnorm import BatchNorm1d, BatchNorm2d
-from batchnorm.modules import _BatchNorm
+from batchnorm.core.modules import _BatchNorm
 
 __all__ = [
     "MODEL_KINDS",

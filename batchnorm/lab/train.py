@@ -10,7 +10,7 @@ pieces:
 * :func:`evaluate` — loss and accuracy over a whole set in eval mode (running statistics), or with
   batch statistics (``batch_stats=True``) without disturbing the running buffers.
 * :func:`recompute_bn_stats` — exact population statistics for every BN layer ("precise BN", via
-  :func:`batchnorm.recalibrate.recalibrate`).
+  :func:`batchnorm.lifecycle.recalibrate.recalibrate`).
 * :func:`train` — the loop: evaluates at step 0 and every ``eval_every`` steps, stops early and
   says so when the loss becomes non-finite or explodes (a diverged run), and returns a
   JSON-ready history.
@@ -177,7 +177,7 @@ def recompute_bn_stats(model: nn.Module, x: torch.Tensor, *,
                        chunk: int = 1024) -> list[dict[str, torch.Tensor]]:
     """Replace every BN layer's running statistics by the exact statistics of ``x`` ("precise BN").
 
-    A thin wrapper over :func:`batchnorm.recalibrate.recalibrate` (``mode="exact"``): with the
+    A thin wrapper over :func:`batchnorm.lifecycle.recalibrate.recalibrate` (``mode="exact"``): with the
     weights fixed, the BN layers are finalised in dependency order, each over all of ``x`` (in
     chunks of ``chunk`` rows) in eval mode, with the earlier layers already normalising with
     *their* exact statistics — so every layer gets the statistics it will meet at inference. Chunk
@@ -187,8 +187,8 @@ def recompute_bn_stats(model: nn.Module, x: torch.Tensor, *,
 
     Returns, per BN layer in forward order, ``{"mean", "var"}`` (float64 copies of the new buffers).
     """
-    from batchnorm import _bnlayers
-    from batchnorm.recalibrate import recalibrate
+    from batchnorm.core import _bnlayers
+    from batchnorm.lifecycle.recalibrate import recalibrate
 
     batches = [x[lo:hi] for lo, hi in _chunks(int(x.shape[0]), chunk)]
     recalibrate(model, batches, mode="exact", progress=False)

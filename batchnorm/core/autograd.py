@@ -1,0 +1,119 @@
+"""autograd Functions wiring BN's forward and hand-derived backward to the backends.
+
+:class:`BatchNormTrainFn` saves only what the closed-form backward needs: the input ``x``, the
+per-channel ``mean`` and ``var`` (C values each), γ and β, and the output ``y`` only when an
+activation's derivative must be read from it. Its backward calls the selected backend's
+``backward`` (article 003's formula); when a graph of the backward is requested
+(``create_graph=True``, double backward) it instead evaluates the same formula with torch ops on
+statistics recomputed differentiably from ``x``, so second derivatives are exact too.
+
+:func:`train_apply` / :func:`eval_apply` are what the functional API calls: these Functions in
+eager mode, and under ``torch.compile`` the custom ops of :mod:`batchnorm.core.ops` (the same kernels
+and formulas, but opaque to the compiler, so a model compiles with ``fullgraph=True``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import kernels
+from ..kernels import torch_backend
+
+
+class BatchNormTrainFn(torch.autograd.Function):
+    """``y, mean, var = BatchNormTrainFn.apply(x, weight, bias, eps, channel_axis, act, slope)``.
+
+    ``mean`` and ``var`` (biased, accumulation dtype) are non-differentiable side outputs used to
+    update running statistics.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, channel_axis, act, slope):
+        backend = kernels.select(x, channel_axis, act)
+        y, mean, var = backend.train_forward(x, weight, bias, eps, channel_axis, act, slope)
+        ctx.backend = backend
+        ctx.cfg = (eps, channel_axis, act, slope)
+        ctx.save_for_backward(x, weight, bias, mean, var, y if act != "identity" else None)
+        ctx.mark_non_differentiable(mean, var)
+        ctx.set_materialize_grads(False)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dvar):
+        x, weight, bias, mean, var, y = ctx.saved_tensors
+        eps, axis, act, slope = ctx.cfg
+        if dy is None:
+            return None, None, None, None, None, None, None
+        if torch.is_grad_enabled():
+            dx, dw, db = torch_backend.differentiable_train_backward(dy, x, weight, bias, eps, axis, act,
+                                                                     slope)
+        else:
+            dx, dw, db = ctx.backend.backward(dy, x, y, weight, bias, mean, var, eps, axis, act, slope)
+        return (dx if ctx.needs_input_grad[0] else None,
+                dw if ctx.needs_input_grad[1] else None,
+                db if ctx.needs_input_grad[2] else None,
+                None, None, None, None)
+
+
+class BatchNormEvalFn(torch.autograd.Function):
+    """``y = BatchNormEvalFn.apply(x, mean, var, weight, bias, eps, channel_axis, act, slope)``.
+
+    Statistics are constants (running buffers); gradients flow to x, γ and β.
+    """
+
+    @staticmethod
+    def forward(ctx, x, mean, var, weight, bias, eps, channel_axis, act, slope):
+        backend = kernels.select(x, channel_axis, act)
+        y = backend.eval_forward(x, mean, var, weight, bias, eps, channel_axis, act, slope)
+        ctx.backend = backend
+        ctx.cfg = (eps, channel_axis, act, slope)
+        ctx.save_for_backward(x, mean, var, weight, bias, y if act != "identity" else None)
+        ctx.set_materialize_grads(False)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, mean, var, weight, bias, y = ctx.saved_tensors
+        eps, axis, act, slope = ctx.cfg
+        if dy is None:
+            return (None,) * 9
+        backend = torch_backend if torch.is_grad_enabled() else ctx.backend
+        dx, dw, db = backend.eval_backward(dy, x, y, weight, bias, mean, var, eps, axis, act, slope)
+        return (dx if ctx.needs_input_grad[0] else None, None, None,
+                dw if ctx.needs_input_grad[3] else None,
+                db if ctx.needs_input_grad[4] else None,
+                None, None, None, None)
+
+
+def _records(*tensors) -> bool:
+    """Whether autograd would record an op on these tensors (grad mode on, one of them needs grad)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def train_apply(x, weight, bias, eps, channel_axis, act, slope):
+    """``(y, mean, var)`` of BN training: :class:`BatchNormTrainFn` eagerly, the custom op when compiling.
+
+    With nothing to record (``no_grad``, or no input needs grad: recalibration, inference-style
+    passes) the backend runs directly: the same call the Function's forward makes, without its
+    ~10 µs of bookkeeping."""
+    if torch.compiler.is_compiling():
+        from . import ops
+
+        return ops.train_forward(x, weight, bias, eps, channel_axis, act, slope)
+    if not _records(x, weight, bias):
+        backend = kernels.select(x, channel_axis, act)
+        return backend.train_forward(x, weight, bias, eps, channel_axis, act, slope)
+    return BatchNormTrainFn.apply(x, weight, bias, eps, channel_axis, act, slope)
+
+
+def eval_apply(x, mean, var, weight, bias, eps, channel_axis, act, slope):
+    """``y`` of BN with given statistics: :class:`BatchNormEvalFn` eagerly, the custom op when compiling
+    (and, with nothing to record, the backend directly, as in :func:`train_apply`)."""
+    if torch.compiler.is_compiling():
+        from . import ops
+
+        return ops.eval_forward(x, mean, var, weight, bias, eps, channel_axis, act, slope)
+    if not _records(x, weight, bias):  # (the statistics are constants to autograd either way)
+        backend = kernels.select(x, channel_axis, act)
+        return backend.eval_forward(x, mean, var, weight, bias, eps, channel_axis, act, slope)
+    return BatchNormEvalFn.apply(x, mean, var, weight, bias, eps, channel_axis, act, slope)

@@ -1,0 +1,150 @@
+"""The output reuse pool: recycles a buffer only when nothing else can still see it.
+
+The story: a buffer comes back only after every tensor, view, autograd-saved tensor and numpy
+array that refers to it is gone; a training step whose graph is still alive never has its saved
+output overwritten by the next forward; the limit and ``clear`` behave; bad limits are rejected
+without changing the pool.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import pytest
+import torch
+from helpers.util import assert_close
+
+import batchnorm
+from batchnorm import reference as R
+from batchnorm.kernels import _pool
+
+BIG = (4, 16, 64, 64)  # 1 MiB of float32: the pool's smallest size
+
+
+@pytest.fixture(autouse=True)
+def _fresh_pool():
+    old = _pool.limit()
+    _pool.set_limit(1 << 30)
+    _pool.clear()
+    yield
+    _pool.set_limit(old)
+    _pool.clear()
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def test_reuses_only_idle_buffers():
+    x = torch.randn(BIG)
+    a = _pool.empty_like(x)
+    assert a.shape == x.shape and a.stride() == x.stride() and a.dtype == x.dtype
+    b = _pool.empty_like(x)
+    assert _ptr(b) != _ptr(a), "a buffer still referenced was handed out again"
+    pa = _ptr(a)
+    view = a[1:]
+    del a
+    c = _pool.empty_like(x)
+    assert _ptr(c) not in (pa, _ptr(b)), "a buffer kept alive by a view was reused"
+    pc = _ptr(c)
+    del view, c
+    d = _pool.empty_like(x)
+    assert _ptr(d) in (pa, pc), "an idle buffer was not reused"
+    assert _pool.stats()["buffers"] == 3 and _pool.stats()["idle"] == 1
+
+
+def test_numpy_views_and_channels_last_strides():
+    x = torch.randn(BIG).contiguous(memory_format=torch.channels_last)
+    a = _pool.empty_like(x)
+    assert a.stride() == x.stride()
+    arr = a.numpy()
+    pa = _ptr(a)
+    del a
+    gc.collect()
+    b = _pool.empty_like(x)
+    assert _ptr(b) != pa, "a numpy view of the buffer did not keep it out of the pool"
+    arr[...] = 1.0  # still valid memory
+    del arr, b
+    c = _pool.empty_like(x)
+    assert c.stride() == x.stride()
+
+
+def test_saved_outputs_survive_the_next_forward():
+    """Two forwards before one backward: the first graph's saved y must not be recycled by the second."""
+    bn = batchnorm.BatchNormAct2d(16, activation="elu", negative_slope=1.0)  # ELU's backward reads y
+    x1 = torch.randn(BIG, requires_grad=True)
+    y1 = bn(x1)
+    y1_ptr = _ptr(y1)
+    loss1 = y1.sum()
+    del y1  # only the autograd graph (its saved output) refers to the buffer now ...
+    y2 = bn(torch.randn(BIG))
+    assert _ptr(y2) != y1_ptr, "... so the pool must not hand it to the next forward"
+    y2.fill_(1e30)  # scribble over the new output
+    loss1.backward()
+    xn = x1.detach().double().numpy()
+    ref_dx = R.backward(np.ones(BIG), xn, np.ones(16), np.zeros(16), 1e-5, 1, "elu", 1.0)[0]
+    assert_close(x1.grad, ref_dx, rtol=1e-4, atol=1e-5, what="dx of the first graph")
+
+
+def test_limit_and_clear():
+    x = torch.randn(BIG)
+    _pool.set_limit(0)
+    a = _pool.empty_like(x)
+    assert _pool.stats()["buffers"] == 0 and a.shape == x.shape
+    _pool.set_limit(1 << 30)
+    a = _pool.empty_like(x)
+    b = _pool.empty_like(x)
+    assert _pool.stats()["buffers"] == 2
+    del a
+    _pool.clear()
+    st = _pool.stats()
+    assert st["buffers"] == 1 and st["idle"] == 0, "clear() dropped a buffer still in use or kept an idle one"
+    del b
+    _pool.clear()
+    assert _pool.stats()["bytes"] == 0
+
+
+def test_small_outputs_bypass_the_pool():
+    small = torch.randn(8, 8)
+    _pool.empty_like(small)
+    assert _pool.stats()["buffers"] == 0
+
+
+def test_a_resized_storage_is_not_handed_out_again():
+    x = torch.randn(BIG)
+    a = _pool.empty_like(x)
+    a.resize_(2 * x.numel())  # the user grows our buffer: its storage no longer fits the size class
+    a = a.resize_(x.shape)
+    del a
+    b = _pool.empty_like(x)
+    assert b.untyped_storage().nbytes() == x.numel() * 4
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "1"])
+def test_bad_limit_is_rejected_and_the_limit_kept(bad):
+    before = _pool.limit()
+    with pytest.raises(ValueError, match="expected a byte count >= 0"):
+        _pool.set_limit(bad)
+    assert _pool.limit() == before
+
+
+@pytest.mark.parametrize("raw,expected", [("0", 0), ("512", 512 << 20), ("0.5", 1 << 19), (" 64 ", 64 << 20)])
+def test_pool_limit_from_the_environment(raw, expected, monkeypatch):
+    monkeypatch.setenv("BATCHNORM_POOL_MB", raw)
+    assert _pool._default_limit() == expected
+
+
+def test_pool_limit_default_when_unset_or_empty(monkeypatch):
+    monkeypatch.delenv("BATCHNORM_POOL_MB", raising=False)
+    default = _pool._default_limit()
+    assert default > 0
+    monkeypatch.setenv("BATCHNORM_POOL_MB", "")
+    assert _pool._default_limit() == default
+
+
+@pytest.mark.parametrize("raw", ["512MB", "-1", "nan", "inf", "lots"])
+def test_a_bad_pool_limit_in_the_environment_is_a_clear_error(raw, monkeypatch):
+    monkeypatch.setenv("BATCHNORM_POOL_MB", raw)
+    with pytest.raises(ValueError, match=r"BATCHNORM_POOL_MB=.* is not a number of MiB >= 0; unset it"):
+        _pool._default_limit()
