@@ -92,3 +92,42 @@ def test_no_import_cycles():
     for m in sorted(GRAPH):
         if m not in seen:
             visit(m)
+
+
+@pytest.mark.parametrize("old", ["functional", "autograd", "ops", "modules", "_bnlayers", "renorm", "ghost",
+                                 "inplace", "sync", "recalibrate", "freeze", "fold", "convert", "checkpoint",
+                                 "conventions", "onnx", "diagnostics", "benchmark", "benchmark_inplace"])
+def test_old_module_paths_are_aliases_of_the_moved_modules(old):
+    import importlib
+
+    import batchnorm
+
+    moved = importlib.import_module(f"batchnorm.{batchnorm._MOVED[old]}")
+    assert importlib.import_module(f"batchnorm.{old}") is moved
+
+
+def test_a_pickle_naming_an_old_module_path_loads():
+    import pickle
+
+    import torch
+
+    import batchnorm
+
+    layer = batchnorm.BatchNorm2d(3)
+    layer.running_mean.add_(1.5)
+    # protocol 0 names classes as text lines ("c<module>\n<name>\n"), so the path can be rewritten
+    old = pickle.dumps(layer, protocol=0).replace(b"batchnorm.core.modules\n", b"batchnorm.modules\n")
+    assert b"batchnorm.modules\n" in old and b"batchnorm.core" not in old
+    back = pickle.loads(old)
+    assert type(back) is batchnorm.BatchNorm2d
+    assert torch.equal(back.running_mean, layer.running_mean)
+
+
+def test_importing_the_package_imports_no_subpackage_it_does_not_need():
+    import subprocess
+    import sys
+
+    code = ("import sys, batchnorm; print(sorted(m for m in sys.modules if m.startswith('batchnorm.') "
+            "and m.split('.')[1] in ('lab', 'bench')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
