@@ -47,6 +47,17 @@ from .family.inplace import InPlaceABN1d, InPlaceABN2d, InPlaceABN3d, inplace_ab
 from .family.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, RenormSchedule, batch_renorm_train
 from .family.sync import SyncBatchNorm, SyncBatchNormError, convert_sync_batchnorm
 from .kernels import backend_for, get_backend, set_backend, use_backend
+from .lifecycle.adapt import (
+    AdaptationReport,
+    LayerShift,
+    OnlineAdaptation,
+    TentResult,
+    TentSession,
+    adapt,
+    adapt_step,
+    configure_tent,
+    tent,
+)
 from .lifecycle.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from .lifecycle.conventions import export_convention, load_convention
 from .lifecycle.convert import convert_to_batchnorm, convert_to_torch
@@ -100,6 +111,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "CONVENTIONS",
+    "AdaptationReport",
     "BNDiagnostics",
     "BatchNorm1d",
     "BatchNorm2d",
@@ -117,17 +129,24 @@ __all__ = [
     "InPlaceABN1d",
     "InPlaceABN2d",
     "InPlaceABN3d",
+    "LayerShift",
+    "OnlineAdaptation",
     "RecalibrationReport",
     "RenormSchedule",
     "RunningStats",
     "SyncBatchNorm",
     "SyncBatchNormError",
+    "TentResult",
+    "TentSession",
     "Watch",
+    "adapt",
+    "adapt_step",
     "backend_for",
     "batch_norm",
     "batch_norm_eval",
     "batch_norm_train",
     "batch_renorm_train",
+    "configure_tent",
     "convert_sync_batchnorm",
     "convert_to_batchnorm",
     "convert_to_torch",
@@ -152,6 +171,7 @@ __all__ = [
     "save_checkpoint",
     "set_backend",
     "stats",
+    "tent",
     "unfreeze",
     "update_running_stats",
     "use_backend",
