@@ -608,6 +608,9 @@ def adapt_step(model: nn.Module, batch: Any, optimizer: torch.optim.Optimizer, *
                         f"{type(optimizer).__name__}; e.g. torch.optim.Adam(session.parameters(), lr=1e-3)")
     if forward is not None and not callable(forward):
         raise TypeError(f"{op}: expected forward to be callable forward(model, batch), got {forward!r}")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise RuntimeError(f"{op}: no parameter of the model requires grad, so there is nothing to adapt; "
+                           f"call configure_tent(model) first")
     out = (forward or _default_forward)(model, batch)
     if not isinstance(out, torch.Tensor) or out.ndim != 2 or not out.is_floating_point():
         what = f"a {out.ndim}-D {out.dtype} tensor" if isinstance(out, torch.Tensor) else type(out).__name__
@@ -615,8 +618,8 @@ def adapt_step(model: nn.Module, batch: Any, optimizer: torch.optim.Optimizer, *
                         f"forward=lambda m, b: m(b)[...] to pick them")
     loss = entropy(out).mean()
     if not loss.requires_grad:
-        raise RuntimeError(f"{op}: no parameter of the model requires grad, so there is nothing to adapt; "
-                           f"call configure_tent(model) first (and do not run under torch.no_grad)")
+        raise RuntimeError(f"{op}: the entropy does not depend on any parameter; do not run adapt_step under "
+                           f"torch.no_grad, and call configure_tent(model) first")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
