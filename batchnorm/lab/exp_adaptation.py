@@ -95,7 +95,7 @@ def _evaluate_set(net: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: dict[st
     help="test-time adaptation under corruption (noise, contrast, brightness, blur): source vs BN statistics "
     "adaptation (replace, per batch, Schneider's blend) vs TENT",
     order=70,
-    cost=12,
+    cost=8,  # CPU time measured as inference_stats' (17-18 s vs 19-20 s, interleaved runs)
     defaults={
         "steps": 300,
         "lr": 0.1,
@@ -179,13 +179,15 @@ def _report(result: dict[str, Any]) -> Section:
     removed = {m: (1 - (means[m]["mean"] or 0.0) / src) * 100 if src > 0 else 0.0 for m in methods}
     pub_removed = {"stats": (1 - PUBLISHED["stats"] / PUBLISHED["source"]) * 100,
                    "TENT": (1 - PUBLISHED["TENT"] / PUBLISHED["source"]) * 100}
-    ax.bar(range(len(methods)), [removed[m] for m in methods], 0.6, color=[_color(m) for m in methods])
-    ax.plot([2, 4], [pub_removed["stats"], pub_removed["TENT"]], "kD", ms=6, mfc="none",
-            label="TENT Table 2 (CIFAR-10-C): BN stats, TENT")
-    ax.set_xticks(range(len(methods)))
-    ax.set_xticklabels([m.replace(": ", ":\n") for m in methods], fontsize=7)
+    adapted = methods[1:]
+    ax.bar(range(len(adapted)), [removed[m] for m in adapted], 0.6, color=[_color(m) for m in adapted])
+    ax.plot([adapted.index("stats: batch"), adapted.index("TENT")],
+            [pub_removed["stats"], pub_removed["TENT"]], "kD", ms=6, mfc="white",
+            label="TENT Table 2 (CIFAR-10-C): BN statistics, TENT")
+    ax.set_xticks(range(len(adapted)))
+    ax.set_xticklabels([m.replace(": ", ":\n") for m in adapted], fontsize=7)
     ax.set(ylabel="share of the source error removed (%)", title="(b) mean over the corrupted sets")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="lower left")
 
     tol = float(cfg["tolerance"])
     mean = {m: means[m]["mean"] or 0.0 for m in methods}
