@@ -471,3 +471,39 @@ def test_public_names():
                  "AdaptationReport", "LayerShift", "TentResult"):
         assert name in batchnorm.__all__ and getattr(batchnorm, name) is not None
     assert batchnorm.adapt is adapt
+
+
+def test_fast_mode_blends_after_one_batch_statistics_pass():
+    model = _chain().eval()
+    data = _data([5, 7], (3, 6, 6), seed=4, shift=-0.5)
+    src = [(m.running_mean.clone(), m.running_var.clone()) for m in (model[1], model[5])]
+    exact_targets = copy.deepcopy(model)
+    recalibrate(exact_targets, data, mode="fast", progress=False)  # the targets the fast mode measures
+    report = adapt(model, data, prior=6.0, mode="fast")
+    w = 12 / (6 + 12)
+    for (m, v), bn, t in zip(src, (model[1], model[5]), (exact_targets[1], exact_targets[5])):
+        assert_close(bn.running_mean, (1 - w) * m + w * t.running_mean, rtol=1e-12, atol=1e-12, what="mean")
+        assert_close(bn.running_var, (1 - w) * v + w * t.running_var, rtol=1e-12, atol=1e-12, what="var")
+    assert report.passes == 1 and report.mode == "fast" and not model.training
+
+
+def test_online_channels_last_and_a_family_layer():
+    from batchnorm.family.renorm import BatchRenorm2d
+
+    bn = M.BatchNorm2d(3, channel_axis=-1, dtype=torch.float64).eval()
+    randomize_bn(bn)
+    x = _data([4], (5, 5, 3), shift=1.5)[0]  # NHWC
+    with OnlineAdaptation(bn), torch.no_grad():
+        y = bn(x)
+    m, v = reference.moments(x.numpy(), channel_axis=-1)
+    expected = reference.forward_eval(x.numpy(), m, v, bn.weight.detach().numpy(), bn.bias.detach().numpy(),
+                                      eps=bn.eps, channel_axis=-1)
+    assert_close(y, expected, rtol=1e-10, atol=1e-12, what="channels-last online")
+    renorm = randomize_bn(BatchRenorm2d(3, dtype=torch.float64)).eval()
+    xc = x.permute(0, 3, 1, 2).contiguous()
+    report = adapt(renorm, [xc])
+    m, v = reference.moments(xc.numpy())
+    k = xc.numel() // 3
+    assert_close(renorm.running_mean, m, rtol=1e-12, atol=1e-12, what="renorm mean")
+    assert_close(renorm.running_var, v * k / (k - 1), rtol=1e-12, atol=1e-12, what="renorm var")
+    assert list(report.layers) == [""]
