@@ -136,7 +136,9 @@ class AdaptationReport:
         _put_stats(self._saved)
 
     def to_dict(self) -> dict[str, Any]:
-        d = {k: v for k, v in asdict(self).items() if k != "_saved"}
+        # not asdict(self): it would deep-copy the saved tensors and the modules they belong to
+        d = {"method": self.method, "prior": self.prior, "mode": self.mode, "passes": self.passes,
+             "layers": {n: asdict(s) for n, s in self.layers.items()}, "skipped": list(self.skipped)}
         return _finite(d)
 
 

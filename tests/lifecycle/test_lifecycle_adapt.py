@@ -153,7 +153,9 @@ def test_blend_follows_schneider_and_the_dependency_order():
     report.restore()
     for (m, v), bn in zip(src, (model[1], model[5])):
         assert torch.equal(bn.running_mean, m) and torch.equal(bn.running_var, v)
-    json.dumps(report.to_dict(), allow_nan=False)
+    d = json.loads(json.dumps(report.to_dict(), allow_nan=False))
+    assert set(d) == {"method", "prior", "mode", "passes", "layers", "skipped"}
+    assert d["layers"]["5"]["target_weight"] == w and len(d["layers"]["5"]["mean_shift"]) == 5
 
 
 @given(c=st.integers(1, 4), sizes=st.lists(st.integers(1, 5), min_size=1, max_size=4),
