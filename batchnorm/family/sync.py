@@ -22,7 +22,9 @@ Backward (one ``all_reduce`` of ``2C`` numbers per rank)::
 
 Running statistics are updated from the global mean and the global variance made unbiased with the
 global count ``n / (n − 1)``; every rank computes them from the same gathered numbers in the same
-order, so they are bit-identical on every rank.
+order, so they are bit-identical on every rank. A forward that runs inside a backward pass (the
+recomputation of ``torch.utils.checkpoint``, reentrant or not) normalises the same way but does not
+update them again: with checkpointing the running statistics are those of the plain model.
 
 Conventions and guarantees:
 
@@ -37,6 +39,10 @@ Conventions and guarantees:
   than one value per channel.
 * **Falls back to plain BN** (exactly :class:`batchnorm.BatchNorm2d` & co.) in eval mode, and when
   ``torch.distributed`` is unavailable, not initialised, or the group has one rank.
+* **Uneven inputs** (ranks with different numbers of batches): wrap the loop in
+  ``with sync_join(ddp_model):`` (DDP's ``join`` plus :class:`SyncBatchNormJoinable`); ranks that
+  have run out answer every SyncBN collective with zero counts, so the others finish their extra
+  batches with the statistics of the batches that exist and nobody hangs.
 * **No silent hangs.** Every rank must run forward *and* backward of every SyncBatchNorm layer the
   same number of times. If one does not (it died, took another branch, ran out of batches), the
   others raise :class:`SyncBatchNormError` — naming the layer's collective, the rank and the fix —
@@ -188,7 +194,18 @@ def _check_peer_shapes(op: str, num_features: int, group: Any, world: int, timeo
 # of collective let a joined rank answer any sequence of forwards and backwards without knowing it
 # in advance (two forwards before a backward, checkpoint recomputation, layers skipped by a branch).
 _HEAD = 6
-_FWD, _BWD = 0, 1
+_FWD, _BWD, _FWD_AGAIN = 0, 1, 2  # _FWD_AGAIN: a recomputation (checkpoint), no running-stat update
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass: a forward there is a checkpoint's recomputation.
+
+    ``torch.utils.checkpoint`` (reentrant or not) reruns the forward inside the backward; the
+    batch is the one the first forward already counted in the running statistics, so the rerun
+    must not count it again (torch's BN does, once per recomputed layer).
+    """
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1
 
 
 class _JoinState:
@@ -222,7 +239,7 @@ class _JoinState:
             if table[r, 0] == 1 and not torch.equal(table[r, 1:4], head):
                 i, k, c = (int(v) for v in table[r, 1:4])
                 mi, mk, mc = (int(v) for v in head)
-                kinds = ("forward", "backward")
+                kinds = ("forward", "backward", "forward (recomputed)")
                 raise SyncBatchNormError(
                     f"SyncBatchNorm: ranks out of step under sync_join: rank {dist.get_rank(self.group)} "
                     f"ran the {kinds[mk]} of SyncBN layer {mi} ({mc} channels) while rank {r} ran the "
@@ -232,16 +249,16 @@ class _JoinState:
         return table[:, 4], table[:, _HEAD:_HEAD + c], table[:, _HEAD + self.width:_HEAD + self.width + c]
 
 
-def _join_moments(x: torch.Tensor, axis: int, state: _JoinState, index: int) -> Moments:
+def _join_moments(x: torch.Tensor, axis: int, state: _JoinState, index: int, kind: int) -> Moments:
     """:func:`_global_moments` under sync_join: joined ranks' rows have count 0 (they add nothing)."""
     c = x.shape[axis]
     acc64 = acc_dtype(x.dtype) == torch.float64
     if x.numel() > 0:
         local = Moments.of(x, axis)
-        row = state.row(x.device, index, _FWD, c, float(local.count), acc64, local.mean, local.m2)
+        row = state.row(x.device, index, kind, c, float(local.count), acc64, local.mean, local.m2)
     else:
         zero = torch.zeros(c, dtype=_GATHER_DTYPE, device=x.device)
-        row = state.row(x.device, index, _FWD, c, 0.0, acc64, zero, zero)
+        row = state.row(x.device, index, kind, c, 0.0, acc64, zero, zero)
     counts, means, m2s = state.exchange(row, "forward all_gather of the batch statistics")
     return merge_moments(counts, means, m2s)
 
@@ -397,8 +414,9 @@ class SyncBatchNorm(_BatchNorm):
         group = self.process_group
         _check_device(op, x, group)
         join = self.__dict__.get("_join")  # (state, layer index) while a sync_join context is open
+        update = self.running_mean is not None and not _in_backward()
         if join is not None:
-            glob = _join_moments(x, axis, *join)
+            glob = _join_moments(x, axis, *join, _FWD if update else _FWD_AGAIN)
         else:
             self._check_peers_once(op, group, world, x.device)
             glob = _global_moments(x, axis, group, world, self.timeout)
@@ -411,7 +429,7 @@ class SyncBatchNorm(_BatchNorm):
         mean, var = glob.mean.to(acc), glob.var.to(acc)
         y = _SyncBatchNormFn.apply(x, self.weight, self.bias, mean, var, n, self.eps, axis,
                                    self.activation, self.negative_slope, group, self.timeout, join)
-        if self.running_mean is not None:
+        if update:
             self._update_running_stats(op, mean, var, int(n))
         return y
 
