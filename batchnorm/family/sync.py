@@ -219,11 +219,11 @@ class _JoinState:
 
     def row(self, device: torch.device, index: int, kind: int, c: int, count: float, acc64: bool,
             a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        row = torch.zeros(_HEAD + 2 * self.width, dtype=_GATHER_DTYPE, device=device)
-        row[:_HEAD] = torch.tensor([1.0, index, kind, c, count, float(acc64)], dtype=_GATHER_DTYPE)
-        row[_HEAD:_HEAD + c] = a
-        row[_HEAD + self.width:_HEAD + self.width + c] = b
-        return row
+        head = torch.tensor([1.0, index, kind, c, count, float(acc64)], dtype=_GATHER_DTYPE, device=device)
+        if c == self.width:
+            return torch.cat([head, a.to(_GATHER_DTYPE), b.to(_GATHER_DTYPE)])
+        pad = torch.zeros(self.width - c, dtype=_GATHER_DTYPE, device=device)
+        return torch.cat([head, a.to(_GATHER_DTYPE), pad, b.to(_GATHER_DTYPE), pad])
 
     def gather(self, row: torch.Tensor, what: str) -> torch.Tensor:
         parts = [torch.empty_like(row) for _ in range(self.world)]
@@ -231,20 +231,21 @@ class _JoinState:
                         what + " (under sync_join)", self.group, self.timeout)
         return torch.stack(parts)
 
-    def exchange(self, row: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gather the rows of an active rank; return the ``a`` and ``b`` blocks of every rank (W, C)."""
+    def exchange(self, row: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Gather the rows of an active rank; return every rank's count and ``a``, ``b`` blocks (W, C)."""
         table = self.gather(row, what)
         head = row[1:4]
-        for r in range(self.world):
-            if table[r, 0] == 1 and not torch.equal(table[r, 1:4], head):
-                i, k, c = (int(v) for v in table[r, 1:4])
-                mi, mk, mc = (int(v) for v in head)
-                kinds = ("forward", "backward", "forward (recomputed)")
-                raise SyncBatchNormError(
-                    f"SyncBatchNorm: ranks out of step under sync_join: rank {dist.get_rank(self.group)} "
-                    f"ran the {kinds[mk]} of SyncBN layer {mi} ({mc} channels) while rank {r} ran the "
-                    f"{kinds[k]} of layer {i} ({c} channels); every rank with data must run the same "
-                    f"SyncBN layers in the same order (same model, same branches)")
+        off = (table[:, 0] == 1) & (table[:, 1:4] != head).any(1)  # active ranks in another collective
+        if bool(off.any()):
+            r = int(off.nonzero()[0])
+            i, k, c = (int(v) for v in table[r, 1:4])
+            mi, mk, mc = (int(v) for v in head)
+            kinds = ("forward", "backward", "forward (recomputed)")
+            raise SyncBatchNormError(
+                f"SyncBatchNorm: ranks out of step under sync_join: rank {dist.get_rank(self.group)} "
+                f"ran the {kinds[mk]} of SyncBN layer {mi} ({mc} channels) while rank {r} ran the "
+                f"{kinds[k]} of layer {i} ({c} channels); every rank with data must run the same "
+                f"SyncBN layers in the same order (same model, same branches)")
         c = int(row[3])
         return table[:, 4], table[:, _HEAD:_HEAD + c], table[:, _HEAD + self.width:_HEAD + self.width + c]
 
