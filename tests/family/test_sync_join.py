@@ -15,7 +15,7 @@ import copy
 import pytest
 import torch
 import torch.distributed as dist
-from helpers.sync_harness import check, launch, run_cases
+from helpers.sync_harness import check, launch_once, run_cases
 from helpers.util import assert_close
 from torch import nn
 
@@ -196,36 +196,32 @@ def case_join_other_group_rejected(rank, world, out):
         SyncBatchNormJoinable(model)
 
 
+_CASES_2 = [case_join_uneven, case_join_uneven_forward_sync_buffers, case_join_two_forwards_per_step,
+            case_join_even_inputs_are_unchanged, case_join_ranks_out_of_step, case_join_models_differ,
+            case_join_other_group_rejected]
+_CASES_3 = [case_join_uneven, case_join_ranks_out_of_step, case_join_models_differ]  # 3, 5 and 0 batches
+
+
 def worker(rank, world, out):
-    cases = [case_join_uneven, case_join_uneven_forward_sync_buffers, case_join_two_forwards_per_step,
-             case_join_even_inputs_are_unchanged, case_join_ranks_out_of_step, case_join_models_differ,
-             case_join_other_group_rejected]
+    """The world-2 spawn also runs test_sync_patterns' cases (one start-up for both files)."""
+    import test_sync_patterns
+
+    cases = _CASES_2 + test_sync_patterns.cases() if world == 2 else _CASES_3
     return run_cases(cases, rank, world, out)
 
 
-_NAMES = ["case_join_uneven", "case_join_uneven_forward_sync_buffers", "case_join_two_forwards_per_step",
-          "case_join_even_inputs_are_unchanged", "case_join_ranks_out_of_step", "case_join_models_differ",
-          "case_join_other_group_rejected"]
+def world(n):
+    return launch_once("test_sync_join:worker", n, deadline_s=200, pg_timeout=30)
 
 
-@pytest.fixture(scope="module")
-def world2():
-    return launch("test_sync_join:worker", 2, deadline_s=150, pg_timeout=30)
+@pytest.mark.parametrize("case", [c.__name__ for c in _CASES_2])
+def test_join_two_ranks(case):
+    check(world(2), case)
 
 
-@pytest.fixture(scope="module")
-def world3():
-    return launch("test_sync_join:worker", 3, deadline_s=150, pg_timeout=30)
-
-
-@pytest.mark.parametrize("case", _NAMES)
-def test_join_two_ranks(world2, case):
-    check(world2, case)
-
-
-@pytest.mark.parametrize("case", _NAMES)
-def test_join_three_ranks(world3, case):
-    check(world3, case)
+@pytest.mark.parametrize("case", [c.__name__ for c in _CASES_3])
+def test_join_three_ranks(case):
+    check(world(3), case)
 
 
 def test_sync_join_needs_ddp():

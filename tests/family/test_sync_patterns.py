@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers.sync_harness import check, launch, run_cases
+from helpers.sync_harness import check
 from helpers.util import assert_close
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -121,8 +121,9 @@ def _run(rank, world, pattern, sync_buffers, ours, reference, one_process):
     assert int(model[1].num_batches_tracked) == int(model[4].num_batches_tracked) == updates
 
 
-def _cases():
-    cases = []
+def cases():
+    """The cases, run by test_sync_join's world-2 spawn."""
+    found = []
     for pattern in PATTERNS:
         for fsb in (True, False):
             def case_sync(rank, world, out, pattern=pattern, fsb=fsb):
@@ -133,26 +134,19 @@ def _cases():
 
             case_sync.__name__ = f"syncbn:{pattern}:buffers={fsb}"
             case_ours.__name__ = f"ours:{pattern}:buffers={fsb}"
-            cases += [case_sync, case_ours]
-    return cases
+            found += [case_sync, case_ours]
+    return found
 
 
-def worker(rank, world, out):
-    return run_cases(_cases(), rank, world, out)
+@pytest.mark.parametrize("case", [c.__name__ for c in cases()])
+def test_patterns_under_ddp(case):
+    from test_sync_join import world
 
-
-@pytest.fixture(scope="module")
-def world2():
-    return launch("test_sync_patterns:worker", 2, deadline_s=150, pg_timeout=30)
-
-
-@pytest.mark.parametrize("case", [c.__name__ for c in _cases()])
-def test_patterns_under_ddp(world2, case):
-    check(world2, case)
+    check(world(2), case)
 
 
 def test_every_pattern_is_covered():
-    names = [c.__name__ for c in _cases()]
+    names = [c.__name__ for c in cases()]
     assert len(names) == len(set(names)) == 2 * len(PATTERNS) * 2
 
 
