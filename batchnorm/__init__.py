@@ -45,7 +45,13 @@ from .core.modules import (
 from .family.ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d, ghost_batch_norm_train
 from .family.inplace import InPlaceABN1d, InPlaceABN2d, InPlaceABN3d, inplace_abn_eval, inplace_abn_train
 from .family.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, RenormSchedule, batch_renorm_train
-from .family.sync import SyncBatchNorm, SyncBatchNormError, convert_sync_batchnorm
+from .family.sync import (
+    SyncBatchNorm,
+    SyncBatchNormError,
+    SyncBatchNormJoinable,
+    convert_sync_batchnorm,
+    sync_join,
+)
 from .kernels import backend_for, get_backend, set_backend, use_backend
 from .lifecycle.adapt import (
     AdaptationReport,
@@ -65,6 +71,7 @@ from .lifecycle.diagnostics import BNDiagnostics, Watch, diagnose
 from .lifecycle.fold import find_foldable, fold_bn, fold_conv_bn
 from .lifecycle.freeze import FrozenBatchNorm, freeze, unfreeze
 from .lifecycle.recalibrate import RecalibrationReport, recalibrate
+from .lifecycle.sync_stats import sync_running_stats
 
 __version__ = "0.1.0"
 
@@ -136,6 +143,7 @@ __all__ = [
     "RunningStats",
     "SyncBatchNorm",
     "SyncBatchNormError",
+    "SyncBatchNormJoinable",
     "TentResult",
     "TentSession",
     "Watch",
@@ -171,6 +179,8 @@ __all__ = [
     "save_checkpoint",
     "set_backend",
     "stats",
+    "sync_join",
+    "sync_running_stats",
     "tent",
     "unfreeze",
     "update_running_stats",

@@ -22,7 +22,9 @@ Backward (one ``all_reduce`` of ``2C`` numbers per rank)::
 
 Running statistics are updated from the global mean and the global variance made unbiased with the
 global count ``n / (n − 1)``; every rank computes them from the same gathered numbers in the same
-order, so they are bit-identical on every rank.
+order, so they are bit-identical on every rank. A forward that runs inside a backward pass (the
+recomputation of ``torch.utils.checkpoint``, reentrant or not) normalises the same way but does not
+update them again: with checkpointing the running statistics are those of the plain model.
 
 Conventions and guarantees:
 
@@ -37,6 +39,10 @@ Conventions and guarantees:
   than one value per channel.
 * **Falls back to plain BN** (exactly :class:`batchnorm.BatchNorm2d` & co.) in eval mode, and when
   ``torch.distributed`` is unavailable, not initialised, or the group has one rank.
+* **Uneven inputs** (ranks with different numbers of batches): wrap the loop in
+  ``with sync_join(ddp_model):`` (DDP's ``join`` plus :class:`SyncBatchNormJoinable`); ranks that
+  have run out answer every SyncBN collective with zero counts, so the others finish their extra
+  batches with the statistics of the batches that exist and nobody hangs.
 * **No silent hangs.** Every rank must run forward *and* backward of every SyncBatchNorm layer the
   same number of times. If one does not (it died, took another branch, ran out of batches), the
   others raise :class:`SyncBatchNormError` — naming the layer's collective, the rank and the fix —
@@ -62,12 +68,15 @@ from __future__ import annotations
 
 import datetime
 import math
+import os
+import threading
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.autograd.function import once_differentiable
+from torch.distributed.algorithms.join import Join, Joinable, JoinHook
 
 from .. import kernels
 from .._checks import check_input
@@ -77,7 +86,8 @@ from ..core.modules import _BatchNorm
 from ..kernels import torch_backend
 from ..stats import Moments, acc_dtype, merge_moments, reduce_dims
 
-__all__ = ["SyncBatchNorm", "SyncBatchNormError", "convert_sync_batchnorm"]
+__all__ = ["SyncBatchNorm", "SyncBatchNormError", "SyncBatchNormJoinable", "convert_sync_batchnorm",
+           "sync_join"]
 
 _GATHER_DTYPE = torch.float64
 
@@ -155,6 +165,105 @@ def _global_moments(x: torch.Tensor, axis: int, group: Any, world: int, timeout:
     return merge_moments(table[:, 0], table[:, 1:c + 1], table[:, c + 1:])
 
 
+def _check_peer_shapes(op: str, num_features: int, group: Any, world: int, timeout: float | None,
+                       device: torch.device) -> None:
+    """Every rank's layer must have the same ``num_features``: the collectives' sizes depend on it.
+
+    Ranks whose layers differ (a model built from a rank-dependent config) would send tensors of
+    different sizes into one all_gather, which gloo answers with an uncatchable abort on one rank
+    while the other returns. One tiny all_gather of ``C`` per layer and group, on its first
+    synchronized forward, turns that into the same ValueError on every rank.
+    """
+    mine = torch.tensor([float(num_features)], dtype=_GATHER_DTYPE, device=device)
+    parts = [torch.empty_like(mine) for _ in range(world)]
+    _run_collective(lambda: dist.all_gather(parts, mine, group=group, async_op=True),
+                    "forward all_gather of num_features (the first forward's shape check)", group, timeout)
+    sizes = [int(p.item()) for p in parts]
+    if len(set(sizes)) > 1:
+        listed = ", ".join(f"rank {r}: {c}" for r, c in enumerate(sizes))
+        raise ValueError(f"{op}: the layers that synchronise together have different num_features on "
+                         f"different ranks ({listed}; ranks of the layer's process group); every rank must "
+                         f"build the same model (same channel counts, in the same order of layers)")
+
+
+# -- uneven inputs: joined ranks shadow the collectives --------------------------------------
+# Under sync_join every SyncBN collective is one all_gather of a fixed-size float64 row per rank,
+#   [status, layer index, kind, C, count, acc is float64, a (width values), b (width values)]
+# status 1 = a rank with data, 0 = a rank that has run out (zeros everywhere: count 0, sums 0);
+# kind 0 = forward (a, b = mean, M2), 1 = backward (a, b = Σ dz, Σ dz·x̂). A fixed size and one kind
+# of collective let a joined rank answer any sequence of forwards and backwards without knowing it
+# in advance (two forwards before a backward, checkpoint recomputation, layers skipped by a branch).
+_HEAD = 6
+_FWD, _BWD, _FWD_AGAIN = 0, 1, 2  # _FWD_AGAIN: a recomputation (checkpoint), no running-stat update
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass: a forward there is a checkpoint's recomputation.
+
+    ``torch.utils.checkpoint`` (reentrant or not) reruns the forward inside the backward; the
+    batch is the one the first forward already counted in the running statistics, so the rerun
+    must not count it again (torch's BN does, once per recomputed layer).
+    """
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1
+
+
+class _JoinState:
+    """What the SyncBN layers of one :func:`sync_join` context share (see SyncBatchNormJoinable)."""
+
+    def __init__(self, group: Any, width: int, timeout: float | None) -> None:
+        self.group = group
+        self.world = dist.get_world_size(group)
+        self.width = width
+        self.timeout = timeout
+
+    def row(self, device: torch.device, index: int, kind: int, c: int, count: float, acc64: bool,
+            a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        head = torch.tensor([1.0, index, kind, c, count, float(acc64)], dtype=_GATHER_DTYPE, device=device)
+        if c == self.width:
+            return torch.cat([head, a.to(_GATHER_DTYPE), b.to(_GATHER_DTYPE)])
+        pad = torch.zeros(self.width - c, dtype=_GATHER_DTYPE, device=device)
+        return torch.cat([head, a.to(_GATHER_DTYPE), pad, b.to(_GATHER_DTYPE), pad])
+
+    def gather(self, row: torch.Tensor, what: str) -> torch.Tensor:
+        parts = [torch.empty_like(row) for _ in range(self.world)]
+        _run_collective(lambda: dist.all_gather(parts, row, group=self.group, async_op=True),
+                        what + " (under sync_join)", self.group, self.timeout)
+        return torch.stack(parts)
+
+    def exchange(self, row: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Gather the rows of an active rank; return every rank's count and ``a``, ``b`` blocks (W, C)."""
+        table = self.gather(row, what)
+        head = row[1:4]
+        off = (table[:, 0] == 1) & (table[:, 1:4] != head).any(1)  # active ranks in another collective
+        if bool(off.any()):
+            r = int(off.nonzero()[0])
+            i, k, c = (int(v) for v in table[r, 1:4])
+            mi, mk, mc = (int(v) for v in head)
+            kinds = ("forward", "backward", "forward (recomputed)")
+            raise SyncBatchNormError(
+                f"SyncBatchNorm: ranks out of step under sync_join: rank {dist.get_rank(self.group)} "
+                f"ran the {kinds[mk]} of SyncBN layer {mi} ({mc} channels) while rank {r} ran the "
+                f"{kinds[k]} of layer {i} ({c} channels); every rank with data must run the same "
+                f"SyncBN layers in the same order (same model, same branches)")
+        c = int(row[3])
+        return table[:, 4], table[:, _HEAD:_HEAD + c], table[:, _HEAD + self.width:_HEAD + self.width + c]
+
+
+def _join_moments(x: torch.Tensor, axis: int, state: _JoinState, index: int, kind: int) -> Moments:
+    """:func:`_global_moments` under sync_join: joined ranks' rows have count 0 (they add nothing)."""
+    c = x.shape[axis]
+    acc64 = acc_dtype(x.dtype) == torch.float64
+    if x.numel() > 0:
+        local = Moments.of(x, axis)
+        row = state.row(x.device, index, kind, c, float(local.count), acc64, local.mean, local.m2)
+    else:
+        zero = torch.zeros(c, dtype=_GATHER_DTYPE, device=x.device)
+        row = state.row(x.device, index, kind, c, 0.0, acc64, zero, zero)
+    counts, means, m2s = state.exchange(row, "forward all_gather of the batch statistics")
+    return merge_moments(counts, means, m2s)
+
+
 def _view(t: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
     shape = [1] * ndim
     shape[axis] = -1
@@ -162,17 +271,20 @@ def _view(t: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
 
 
 class _SyncBatchNormFn(torch.autograd.Function):
-    """``y = _SyncBatchNormFn.apply(x, weight, bias, mean, var, n, eps, axis, act, slope, group, timeout)``.
+    """``y = _SyncBatchNormFn.apply(x, weight, bias, mean, var, n, eps, axis, act, slope, group, timeout,
+    join)``.
 
     ``mean``/``var``/``n`` are the *global* statistics (constants here: their dependence on ``x``
-    is folded into the backward's ``g/n`` and ``x̂·h/n`` terms, summed over ranks).
+    is folded into the backward's ``g/n`` and ``x̂·h/n`` terms, summed over ranks). ``join`` is
+    ``(state, layer index)`` under :func:`sync_join` (the sums then travel as a fixed-size row that
+    joined ranks answer with zeros), else None.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mean, var, n, eps, axis, act, slope, group, timeout):
+    def forward(ctx, x, weight, bias, mean, var, n, eps, axis, act, slope, group, timeout, join):
         backend = kernels.select(x, axis, act) if x.numel() > 0 else torch_backend
         y = backend.eval_forward(x, mean, var, weight, bias, eps, axis, act, slope)
-        ctx.cfg = (n, eps, axis, act, slope, group, timeout)
+        ctx.cfg = (n, eps, axis, act, slope, group, timeout, join)
         ctx.save_for_backward(x, weight, mean, var, y if act != "identity" else None)
         return y
 
@@ -180,7 +292,7 @@ class _SyncBatchNormFn(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy):
         x, weight, mean, var, y = ctx.saved_tensors
-        n, eps, axis, act, slope, group, timeout = ctx.cfg
+        n, eps, axis, act, slope, group, timeout, join = ctx.cfg
         acc = acc_dtype(x.dtype)
         nd = x.ndim
         dims = reduce_dims(nd, axis)
@@ -193,18 +305,26 @@ class _SyncBatchNormFn(torch.autograd.Function):
         h = (dz * xhat).sum(dim=dims)
         dx = None
         if ctx.needs_input_grad[0]:
-            # The one collective of the backward: Σ over ranks of both per-channel sums, concatenated.
-            gh = torch.cat([g, h])
-            _run_collective(lambda: dist.all_reduce(gh, op=dist.ReduceOp.SUM, group=group, async_op=True),
-                            "backward all_reduce of the gradient sums", group, timeout)
-            g_all, h_all = gh.split(g.numel())
+            # The one collective of the backward: Σ over ranks of both per-channel sums, concatenated,
+            # in float64 (2C numbers: the sums of every rank arrive exact, and ranks whose inputs
+            # differ in dtype still send tensors of one size).
+            if join is None:
+                gh = torch.cat([g, h]).to(_GATHER_DTYPE)
+                _run_collective(lambda: dist.all_reduce(gh, op=dist.ReduceOp.SUM, group=group, async_op=True),
+                                "backward all_reduce of the gradient sums", group, timeout)
+                g_all, h_all = (t.to(acc) for t in gh.split(g.numel()))
+            else:
+                state, index = join
+                row = state.row(x.device, index, _BWD, g.numel(), 0.0, acc == torch.float64, g, h)
+                _, ga, ha = state.exchange(row, "backward all_gather of the gradient sums")
+                g_all, h_all = ga.sum(0).to(acc), ha.sum(0).to(acc)  # joined ranks sent zeros
             scale = invstd if weight is None else invstd * weight.to(acc)
             dx = _view(scale, nd, axis) * (dz - _view(g_all / n, nd, axis)
                                            - xhat * _view(h_all / n, nd, axis))
             dx = dx.to(x.dtype)
         dw = h.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         db = g.to(weight.dtype if weight is not None else x.dtype) if ctx.needs_input_grad[2] else None
-        return dx, dw, db, None, None, None, None, None, None, None, None, None
+        return dx, dw, db, None, None, None, None, None, None, None, None, None, None
 
 
 def _check_timeout(op: str, timeout: object) -> float | None:
@@ -294,7 +414,13 @@ class SyncBatchNorm(_BatchNorm):
         x, axis = self._check_sync_input(op, input)
         group = self.process_group
         _check_device(op, x, group)
-        glob = _global_moments(x, axis, group, world, self.timeout)
+        join = self.__dict__.get("_join")  # (state, layer index) while a sync_join context is open
+        update = self.running_mean is not None and not _in_backward()
+        if join is not None:
+            glob = _join_moments(x, axis, *join, _FWD if update else _FWD_AGAIN)
+        else:
+            self._check_peers_once(op, group, world, x.device)
+            glob = _global_moments(x, axis, group, world, self.timeout)
         n = float(glob.count)  # exact: float64 counts (one host sync, as in torch's SyncBatchNorm)
         if n <= 1:
             raise ValueError(f"{op}: expected more than 1 value per channel over the global batch when "
@@ -303,10 +429,18 @@ class SyncBatchNorm(_BatchNorm):
         acc = acc_dtype(x.dtype)
         mean, var = glob.mean.to(acc), glob.var.to(acc)
         y = _SyncBatchNormFn.apply(x, self.weight, self.bias, mean, var, n, self.eps, axis,
-                                   self.activation, self.negative_slope, group, self.timeout)
-        if self.running_mean is not None:
+                                   self.activation, self.negative_slope, group, self.timeout, join)
+        if update:
             self._update_running_stats(op, mean, var, int(n))
         return y
+
+    def _check_peers_once(self, op: str, group: Any, world: int, device: torch.device) -> None:
+        # Once per layer, process group and process (the key is not meaningful in another process,
+        # e.g. after the layer was pickled into a torchrun worker).
+        key = (id(group if group is not None else dist.group.WORLD), os.getpid())
+        if self.__dict__.get("_peers_checked") != key:
+            _check_peer_shapes(op, self.num_features, group, world, self.timeout, device)
+            self._peers_checked = key
 
     def _check_sync_input(self, op: str, input: object) -> tuple[torch.Tensor, int]:
         """Like the base check, but an empty shard is allowed (its rank still joins the collectives)."""
@@ -333,6 +467,242 @@ class SyncBatchNorm(_BatchNorm):
     def convert_sync_batchnorm(cls, module: nn.Module, process_group: Any | None = None) -> nn.Module:
         """Replace every BN layer in ``module`` by a SyncBatchNorm; see :func:`convert_sync_batchnorm`."""
         return convert_sync_batchnorm(module, process_group)
+
+
+# -- uneven inputs: the Joinable ----------------------------------------------------------------
+_SHADOW_GROUPS: dict[int, tuple[Any, Any]] = {}  # id(base group) -> (base group, its shadow group)
+
+
+def _shadow_group(base: Any) -> Any:
+    """A second group over the ranks of ``base`` for SyncBN's collectives under sync_join (cached).
+
+    DDP's join hook shadows DDP's collectives on ``base`` from the main thread while a joined
+    rank answers SyncBN's from a helper thread: on separate groups the two sequences cannot
+    interleave wrongly. ``dist.new_group`` is collective: every process of the job creates it at
+    the same call of :func:`sync_join` (then it is reused).
+    """
+    hit = _SHADOW_GROUPS.get(id(base))
+    if hit is not None and hit[0] is base:
+        return hit[1]
+    group = dist.new_group(ranks=dist.get_process_group_ranks(base))
+    _SHADOW_GROUPS[id(base)] = (base, group)
+    return group
+
+
+class SyncBatchNormJoinable(Joinable):
+    """Makes the SyncBatchNorm layers of ``model`` joinable (torch's ``Join`` API, uneven inputs).
+
+    With uneven inputs, a rank that has run out of batches stops calling SyncBN's collectives and
+    the others hang in their next forward. Inside the ``Join`` context this object switches every
+    SyncBN layer of ``model`` to one fixed-size collective per forward and per backward (see
+    ``_HEAD`` in the source), and its hook makes a rank that has joined answer each of them with a
+    zero-count row: ``n_r = 0, Σ dz = 0, Σ dz·x̂ = 0`` add nothing to the exact merge, so the ranks
+    still running normalise with the statistics of the batches that exist and get the gradient of
+    the loss over them, exactly as one process holding those batches.
+
+    The joined rank answers from a helper thread on a second process group (the "shadow group"),
+    so it needs no knowledge of how many SyncBN collectives an iteration runs (two forwards before
+    one backward, checkpoint recomputation and skipped branches all work) and cannot collide with
+    DDP's own shadow collectives on the main thread. It stops when a collective finds every rank
+    joined. The running statistics the joined rank missed are replayed from the gathered rows in
+    the post-hook (bit-identical to the active ranks'), unless DDP broadcasts buffers from the last
+    joiner anyway (``forward_sync_buffers=True``, the default).
+
+    Use it through :func:`sync_join`, which builds ``Join([ddp, SyncBatchNormJoinable(ddp)])`` and
+    starts the answering thread as the rank's loop ends. (In a hand-built ``Join`` the DDP model
+    must come first, as it notifies the context and counts the ranks still running; its main hook
+    then blocks until the others' backward is done, before this object's main hook could start
+    the thread that their backward waits for: that is why ``sync_join`` starts it earlier.)
+
+    Args:
+        model: a DDP-wrapped model (its ``process_group`` is used) or a plain module whose SyncBN
+            layers synchronise over ``process_group``.
+        process_group: for a plain module, the group its SyncBN layers use (None = world).
+    """
+
+    def __init__(self, model: nn.Module, process_group: Any | None = None) -> None:
+        super().__init__()
+        op = "SyncBatchNormJoinable"
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{op}: expected an nn.Module (the DDP model), got {type(model).__name__}")
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(f"{op}: torch.distributed is not initialised; call "
+                               f"dist.init_process_group(...) in every rank first")
+        ddp = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
+        base = ddp.process_group if ddp is not None else (process_group or dist.group.WORLD)
+        layers = [m for m in model.modules() if isinstance(m, SyncBatchNorm)]
+        for i, m in enumerate(layers):
+            group = m.process_group if m.process_group is not None else dist.group.WORLD
+            if group is not base:
+                raise ValueError(f"{op}: SyncBN layer {i} of the model synchronises over another process "
+                                 f"group than the join context ({'DDP' if ddp else 'process_group'}); "
+                                 f"build its layers with that group (convert_sync_batchnorm(model, group)) "
+                                 f"or join with process_group=<the layers' group>")
+        # Every rank must have the same layers: the rows' size depends on the widest one.
+        width = max((m.num_features for m in layers), default=1)
+        ref = next((t for m in layers for t in (*m.parameters(), *m.buffers())), None)
+        self._device = ddp.device if ddp is not None else (ref.device if ref is not None
+                                                           else torch.device("cpu"))
+        mine = torch.tensor([float(len(layers)), float(width)], dtype=_GATHER_DTYPE, device=self._device)
+        parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(base))]
+        dist.all_gather(parts, mine, group=base)
+        if any(not torch.equal(p, mine) for p in parts):
+            listed = ", ".join(f"rank {r}: {int(p[0])} layers, widest {int(p[1])}"
+                               for r, p in enumerate(parts))
+            raise ValueError(f"{op}: the ranks' models differ in their SyncBN layers ({listed}); every rank "
+                             f"must build the same model")
+        timeouts = [m.timeout for m in layers]
+        timeout = max(timeouts) if timeouts and None not in timeouts else None
+        self._base = base
+        self._layers = layers
+        self._replay = ddp is None or not ddp.forward_sync_buffers
+        self._state = _JoinState(_shadow_group(base), width, timeout)
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._seen: list[tuple[int, torch.Tensor]] = []  # forward rows this rank answered while joined
+
+    # Joinable's interface
+    def join_hook(self, **kwargs: Any) -> JoinHook:
+        # Join calls this when it is built: from here on (every rank builds it at the same point)
+        # the layers run the fixed-size collectives a joined rank can answer.
+        self._thread, self._error = None, None
+        self._seen.clear()
+        self._open()
+        return _SyncBatchNormJoinHook(self)
+
+    @property
+    def join_device(self) -> torch.device:
+        return self._device
+
+    @property
+    def join_process_group(self) -> Any:
+        return self._base
+
+    # the layers' join mode
+    def _open(self) -> None:
+        for i, m in enumerate(self._layers):
+            m._join = (self._state, i)
+
+    def _close(self) -> None:
+        for m in self._layers:
+            m.__dict__.pop("_join", None)
+
+    def _shadow(self) -> None:
+        """Answer every SyncBN collective of the ranks still running until all ranks have joined."""
+        st = self._state
+        row = torch.zeros(_HEAD + 2 * st.width, dtype=_GATHER_DTYPE, device=self._device)
+        try:
+            while True:
+                table = st.gather(row, "collective answered by a joined rank")
+                active = table[:, 0] == 1
+                if not bool(active.any()):
+                    return  # every rank has joined: all of them stop at this same collective
+                first = table[int(active.nonzero()[0])]
+                if int(first[2]) == _FWD:
+                    self._seen.append((int(first[1]), table))
+        except BaseException as e:  # reported by the post-hook, in the main thread
+            self._error = e
+
+    def _start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._shadow, name="SyncBatchNorm-join", daemon=True)
+            self._thread.start()
+
+    def _finish(self) -> None:
+        if self._thread is None:  # a last joiner: its one shadow collective finds everybody joined
+            self._shadow()
+        else:
+            self._thread.join()
+        self._close()
+        if self._error is not None:
+            raise self._error
+        if self._replay:
+            self._replay_running_stats()
+
+    def _replay_running_stats(self) -> None:
+        """The updates this rank's layers missed while joined, from the very rows the others used."""
+        st = self._state
+        for index, table in self._seen:
+            m = self._layers[index]
+            c = m.num_features
+            glob = merge_moments(table[:, 4], table[:, _HEAD:_HEAD + c], table[:, _HEAD + st.width:
+                                                                                 _HEAD + st.width + c])
+            first = table[int((table[:, 0] == 1).nonzero()[0])]
+            acc = torch.float64 if bool(first[5]) else torch.float32
+            if m.running_mean is not None and float(glob.count) > 1:
+                m._update_running_stats(type(m).__name__, glob.mean.to(acc), glob.var.to(acc),
+                                        int(float(glob.count)))
+        self._seen.clear()
+
+
+class _SyncBatchNormJoinHook(JoinHook):
+    def __init__(self, joinable: SyncBatchNormJoinable) -> None:
+        self.joinable = joinable
+
+    def main_hook(self) -> None:
+        # Called once per iteration of the ranks still running; the thread answers all of them.
+        self.joinable._start()
+
+    def post_hook(self, is_last_joiner: bool) -> None:
+        self.joinable._finish()
+
+
+class _SyncJoin:
+    """The context manager :func:`sync_join` returns: torch's ``Join``, plus cleanup on errors."""
+
+    def __init__(self, join: Join, joinable: SyncBatchNormJoinable | None, throw: bool) -> None:
+        self._join = join
+        self._joinable = joinable
+        self._throw = throw
+
+    def __enter__(self) -> _SyncJoin:
+        self._join.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            if exc[0] is None and self._joinable is not None and not self._throw:
+                # This rank has run out of inputs. Answer SyncBN from now on, *before* Join runs the
+                # hooks: DDP's main hook comes first and blocks until the others' backward has
+                # reduced its gradients, and their backward needs our SyncBN answers.
+                self._joinable._start()
+            self._join.__exit__(*exc)
+        finally:
+            if self._joinable is not None:
+                self._joinable._close()
+
+
+def sync_join(model: nn.Module, *, divide_by_initial_world_size: bool = True, enable: bool = True,
+              throw_on_early_termination: bool = False) -> _SyncJoin:
+    """``with sync_join(ddp_model):`` — DDP's ``ddp_model.join()`` that also shadows SyncBN.
+
+    DDP's own ``join()`` shadows only DDP's gradient all-reduces; a model with SyncBN layers then
+    hangs as soon as one rank runs out of batches (pytorch#38174). This context adds
+    :class:`SyncBatchNormJoinable`: ranks that have run out answer every SyncBN forward and backward
+    collective with zero counts, so the others finish their extra batches normalised with the
+    statistics of the batches that exist (as one process would), and nobody hangs. The
+    keyword arguments are DDP's ``join`` arguments. Every process of the job must enter it (it may
+    create a process group once). A model without SyncBN layers gets plain ``ddp_model.join()``.
+
+    Example::
+
+        model = DDP(batchnorm.convert_sync_batchnorm(net))
+        with batchnorm.sync_join(model):
+            for x, y in my_uneven_loader:           # ranks may hold different numbers of batches
+                loss_fn(model(x), y).backward()
+                opt.step(); opt.zero_grad()
+    """
+    if not isinstance(model, nn.parallel.DistributedDataParallel):
+        raise TypeError(f"sync_join: expected a DistributedDataParallel model (DDP's join context), got "
+                        f"{type(model).__name__}; wrap the model in DDP, or build "
+                        f"torch.distributed.algorithms.join.Join([..., SyncBatchNormJoinable(model)]) "
+                        f"yourself")
+    has_sync = any(isinstance(m, SyncBatchNorm) for m in model.modules())
+    joinable = SyncBatchNormJoinable(model) if enable and has_sync else None
+    joinables: list[Joinable] = [model] if joinable is None else [model, joinable]
+    join = Join(joinables, enable, throw_on_early_termination,
+                divide_by_initial_world_size=divide_by_initial_world_size)
+    return _SyncJoin(join, joinable, throw_on_early_termination)
 
 
 # -- conversion -------------------------------------------------------------------------------

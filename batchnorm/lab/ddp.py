@@ -5,6 +5,12 @@ Run it on one machine with N processes (gloo on CPU, nccl on GPUs)::
     torchrun --standalone --nproc-per-node 2 -m batchnorm.lab.ddp --model cnn_bn --steps 300 \\
         --batch-size 64 --out ddp.json
 
+across machines with one torchrun per machine (gloo over TCP; ``GLOO_SOCKET_IFNAME`` picks the
+network interface), every one naming the node-rank-0 machine::
+
+    torchrun --nnodes 2 --node-rank 0 --nproc-per-node 2 --master-addr 10.0.0.1 --master-port 29500 \\
+        -m batchnorm.lab.ddp --model cnn_bn --steps 300     # and --node-rank 1 on the other machine
+
 or, without torchrun, as one ordinary process (``python -m batchnorm.lab.ddp ...``): same code,
 world size 1. Both print the same curve: with SyncBN the global batch's statistics are identical
 whichever way the batch is split, so N processes follow the one-process run up to float rounding

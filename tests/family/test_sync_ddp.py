@@ -141,3 +141,40 @@ def test_torchrun_command_matches_plain_run(tmp_path):
     assert json.loads((tmp_path / "one.json").read_text())["batch_loss"] == one["batch_loss"]
     assert two["world_size"] == 2 and one["world_size"] == 1
     np.testing.assert_allclose(two["batch_loss"], one["batch_loss"], rtol=2e-5)
+
+
+def test_torchrun_two_nodes_match_plain_run(tmp_path):
+    """Multi-machine: two torchrun launches with ``--nnodes 2 --node-rank 0/1`` (one process each,
+    gloo over TCP to the rank-0 node's address), here both on 127.0.0.1, follow the one-process run."""
+    from helpers.sync_harness import free_port
+
+    args = ["--model", "mlp_bn_after", "--steps", "4", "--eval-every", "2", "--batch-size", "24",
+            "--max-train", "200", "--timeout", "60"]  # as the one-node test above
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if sys.platform.startswith("linux") and os.path.exists("/sys/class/net/lo"):
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    port = free_port()
+    out = tmp_path / "nodes.json"
+    procs = []
+    for node in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
+               "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
+               "-m", "batchnorm.lab.ddp", *args, "--out", str(out)]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                      cwd=Path(__file__).resolve().parents[2]))
+    logs = []
+    try:
+        for p in procs:
+            o, e = p.communicate(timeout=240)
+            logs.append((p.returncode, o, e))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for node, (rc, o, e) in enumerate(logs):
+        assert rc == 0, f"node {node}:\n{o[-2000:]}\n{e[-2000:]}"
+    assert "2 process(es)" in logs[0][1] and "SyncBatchNorm" in logs[0][1]
+    two = json.loads(out.read_text())
+    one = ddp.main(args)
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    np.testing.assert_allclose(two["batch_loss"], one["batch_loss"], rtol=2e-5)

@@ -185,6 +185,27 @@ def case_nonfinite_raise_and_skip(rank, world, out):
             assert torch.equal(v, before[k]), f"{mode}: {k} changed"
 
 
+def case_num_features_differ_between_ranks(rank, world, out):
+    """Layers of different widths on different ranks: the same clear ValueError on every rank (gloo
+    would abort one rank on the mismatched all_gather and let the others return); nothing changes,
+    and the group still works afterwards."""
+    c = 3 + rank
+    bn = SyncBatchNorm(c, dtype=F64)
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    try:
+        bn(torch.randn(4, c, dtype=F64))
+    except ValueError as e:
+        msg = str(e)
+        for word in ("SyncBatchNorm", "different num_features", "rank 0: 3", f"rank {world - 1}: {2 + world}",
+                     "same model"):
+            assert word in msg, f"{word!r} missing from: {msg}"
+    else:
+        raise AssertionError("different num_features on different ranks were not detected")
+    for k, v in bn.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} changed by the rejected call"
+    _compare_to_oracle(rank, [3] * world, (2,), 3)  # the next layer synchronises normally
+
+
 def case_eval_and_no_grad_paths(rank, world, out):
     """Eval mode runs no collective (ranks may call it any number of times); stats are the running ones."""
     bn = SyncBatchNorm(3, dtype=F64)
@@ -251,6 +272,7 @@ _SHARED = [
     case_nonfinite_raise_and_skip,
     case_eval_and_no_grad_paths,
     case_convert_torch_model_under_ddp,
+    case_num_features_differ_between_ranks,
 ]
 
 

@@ -83,6 +83,18 @@ def launch(target: str, world: int, *args, deadline_s: float = 240.0, pg_timeout
         return results
 
 
+_LAUNCHED: dict = {}
+
+
+def launch_once(target: str, world: int, **kw) -> dict:
+    """:func:`launch`, once per session for each ``(target, world)``: test modules that share one
+    spawn (its cases) each ask for it, and only the first pays the start-up."""
+    key = (target, world)
+    if key not in _LAUNCHED:
+        _LAUNCHED[key] = launch(target, world, **kw)
+    return _LAUNCHED[key]
+
+
 def run_cases(cases: list, rank: int, world: int, *args) -> dict:
     """Run each ``case(rank, world, *args)`` in order; a barrier after each keeps ranks in step."""
     results = {}
