@@ -131,6 +131,7 @@ class MaskedBatchNormTrainFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, mask, weight, bias, eps, channel_axis, act, slope):
         y, mean, var, count = _masked_forward(x, mask, weight, bias, eps, channel_axis, act, slope)
+        ctx.impl = _masked_impl(x, channel_axis, act)
         ctx.cfg = (eps, channel_axis, act, slope)
         ctx.save_for_backward(x, mask, weight, bias, mean, var, count, y if act != "identity" else None)
         ctx.mark_non_differentiable(mean, var, count)
@@ -147,15 +148,30 @@ class MaskedBatchNormTrainFn(torch.autograd.Function):
             dx, dw, db = masked.differentiable_masked_backward(dy, x, mask, weight, bias, eps, axis, act,
                                                                slope)
         else:
-            dx, dw, db = masked.masked_backward(dy, x, y, mask, count, weight, bias, mean, var, eps, axis,
-                                                act, slope)
+            dx, dw, db = ctx.impl.masked_backward(dy, x, y, mask, count, weight, bias, mean, var, eps, axis,
+                                                  act, slope)
         return (dx if ctx.needs_input_grad[0] else None, None,
                 dw if ctx.needs_input_grad[2] else None,
                 db if ctx.needs_input_grad[3] else None,
                 None, None, None, None)
 
 
+def _masked_impl(x, channel_axis, act):
+    """Who computes the masked statistics and backward: the numba kernels
+    (:mod:`batchnorm.kernels.masked_cpu`, imported on first use) where the numba backend would run
+    this input and it is channels-first contiguous; the torch composite
+    (:mod:`batchnorm.kernels.masked`) elsewhere, and always under ``torch.compile``."""
+    if torch.compiler.is_compiling() or kernels.select(x, channel_axis, act).name != "numba":
+        return masked
+    from ..kernels import masked_cpu
+
+    return masked_cpu if masked_cpu.supports(x, channel_axis) else masked
+
+
 def _masked_forward(x, mask, weight, bias, eps, channel_axis, act, slope):
+    impl = _masked_impl(x, channel_axis, act)
+    if impl is not masked:  # the fused kernel: statistics and output in one sweep per channel
+        return impl.masked_forward(x, mask, weight, bias, eps, channel_axis, act, slope)
     mean, var, count = masked.masked_stats(x, mask, channel_axis)
     # (under torch.compile the composite normalisation is traced; the numba kernels are opaque to it)
     backend = torch_backend if torch.compiler.is_compiling() else kernels.select(x, channel_axis, act)

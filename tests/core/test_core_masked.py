@@ -286,3 +286,30 @@ def test_nonfinite_policy_sees_only_valid_values():
     with pytest.raises(FloatingPointError, match="NaN or Inf"):
         layer(x, mask=length_mask([4, 2], 4))
     assert_state_unchanged(before, layer, "nonfinite='raise'")
+
+
+@pytest.mark.parametrize("act,slope", ACTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_numba_masked_kernels_match_the_torch_path(act, slope, dtype):
+    """The fused numba kernels (kernels/masked_cpu.py) and the torch composite agree (float32: to
+    rounding), for every activation, with data far from zero and a sample of length 0."""
+    if "numba" not in batchnorm.kernels.available_backends():
+        pytest.skip("numba is not installed")
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(5, 4, 37, generator=g) * 0.5 + 300).to(dtype)
+    mask = length_mask([37, 0, 12, 1, 30], 37)
+    w, b = torch.rand(4, dtype=dtype) + 0.5, torch.randn(4, dtype=dtype)
+    dy = torch.randn(x.shape, generator=g).to(dtype)
+    out = {}
+    for backend in ("numba", "torch"):
+        with batchnorm.use_backend(backend):
+            xx, ww, bb = (t.clone().requires_grad_() for t in (x, w, b))
+            rm, rv = torch.zeros(4, dtype=dtype), torch.ones(4, dtype=dtype)
+            y, st = batchnorm.batch_norm_train(xx, rm, rv, ww, bb, mask=mask, activation=act,
+                                               negative_slope=slope)
+            y.backward(dy)
+            out[backend] = (y, xx.grad, ww.grad, bb.grad, st.mean, st.var)
+    tol = 1e-12 if dtype == torch.float64 else 2e-4
+    names = ("y", "dx", "dgamma", "dbeta", "running_mean", "running_var")
+    for name, a, e in zip(names, out["numba"], out["torch"]):
+        assert_close(a, e, rtol=tol, atol=tol * (10 if name in ("dgamma", "dbeta") else 1), what=name)
