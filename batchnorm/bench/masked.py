@@ -71,7 +71,10 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a small shape and 3 repeats (smoke test)")
     ap.add_argument("--repeat", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: as is)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     res = run((8, 16, 50), repeat=3, warmup=1) if args.quick else run(repeat=args.repeat)
     print(f"masked BN, shape {tuple(res['shape'])}, {res['padding']:.0%} padding "
           f"(valid {res['valid_fraction']:.1%}), backend {res['backend']}, {res['threads']} threads")
