@@ -12,6 +12,8 @@ Extras, all keyword-only and off by default:
 * ``running_var_unbiased`` — what ``running_var`` stores (PyTorch: unbiased; Keras/Flax: biased);
 * ``nonfinite`` — ``"update"`` (PyTorch), ``"skip"`` or ``"raise"`` for batches with NaN/Inf;
 * :meth:`from_convention` — build a layer from Keras, Flax or Darknet conventions.
+* ``forward(input, mask=)`` — masked BN for padded batches: training statistics of the valid
+  positions only (see :func:`batchnorm.batch_norm_train`).
 
 Conventions table (``momentum`` is always PyTorch's weight of the new batch)::
 
