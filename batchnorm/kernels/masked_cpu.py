@@ -28,8 +28,9 @@ configure()  # the cache folder must be known before numba is imported
 
 import numba as nb  # noqa: E402
 
-from . import _pool  # noqa: E402
+from . import _pool, _stream  # noqa: E402
 from ._cpu_team import _parallel, _split  # noqa: E402
+from .cpu import _streams  # noqa: E402
 
 _FLAGS = {"cache": True, "nogil": True, "error_model": "numpy", "fastmath": {"contract"}}
 _SUM_FLAGS = {**_FLAGS, "fastmath": {"reassoc", "contract"}}  # sums may re-associate (vectorise)
@@ -138,7 +139,7 @@ def _act(z, act, slope, zero):
 
 
 @nb.njit(**_FLAGS)
-def _forward(x, m, n, first, y, w, b, eps, act, slope, mean, var, tmp, zero, c0, c1):
+def _forward(x, m, n, first, y, w, b, eps, act, slope, mean, var, tmp, zero, nt, c0, c1):
     """Statistics (:func:`_stats`) and output of channels [c0, c1), one channel at a time: the
     output pass reads the channel again while it is still in cache (one channel of the benchmark
     shape is 100 KB), so memory sees about one read of x and one write of y, as for plain BN."""
@@ -151,7 +152,12 @@ def _forward(x, m, n, first, y, w, b, eps, act, slope, mean, var, tmp, zero, c0,
         tmp[3] = b[c]
         k, lo, sc, bc = tmp[0], tmp[1], tmp[2], tmp[3]
         N, _, L = x.shape
-        if act == 0:  # (a loop of its own: the activation's branch would keep it from vectorising)
+        if act == 0 and nt:  # streaming stores: no read-for-ownership of y's lines
+            for i in range(N):
+                yr = y[i, c]
+                for j in range(L):
+                    _stream.store(yr, j, ((x[i, c, j] - k) - lo) * sc + bc)
+        elif act == 0:  # (a loop of its own: the activation's branch would keep it from vectorising)
             for i in range(N):
                 for j in range(L):
                     y[i, c, j] = ((x[i, c, j] - k) - lo) * sc + bc
@@ -159,6 +165,8 @@ def _forward(x, m, n, first, y, w, b, eps, act, slope, mean, var, tmp, zero, c0,
             for i in range(N):
                 for j in range(L):
                     y[i, c, j] = _act(((x[i, c, j] - k) - lo) * sc + bc, act, slope, zero)
+    if nt:
+        _stream.fence()
 
 
 @nb.njit(**_FLAGS)
@@ -230,8 +238,9 @@ def masked_forward(x, mask, weight, bias, eps, channel_axis, act, slope):
     n, first = max(valid.size, 1), int(valid[0]) if valid.size else -1
     parts = _parts(x)
     tmps = [np.zeros(4, xn.dtype) for _ in parts]
+    nt = act == "identity" and _streams(y, act, xn.shape[2])
     _parallel(lambda c0, c1, t: _forward(xn, mn, n, first, yn, wv, bv, float(eps), code, sl, mv, vv, t, zero,
-                                         c0, c1), [(c0, c1, t) for (c0, c1), t in zip(parts, tmps)])
+                                         nt, c0, c1), [(c0, c1, t) for (c0, c1), t in zip(parts, tmps)])
     count = torch.tensor(float(valid.size), dtype=x.dtype)
     return y, mean.to(x.dtype), var.to(x.dtype), count
 
