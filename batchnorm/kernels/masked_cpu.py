@@ -42,6 +42,20 @@ _CHUNK = 4096  # values summed in the input dtype before the partial sum joins t
 
 
 @nb.njit(**_SUM_FLAGS)
+def _masked_run_sums(xr, mr, k, zero):
+    """Σ (v − k) and Σ (v − k)² over the valid values of a contiguous run (≤ _CHUNK values), in the
+    input dtype (a 1-D run indexed from 0: the loop vectorises)."""
+    r1 = zero
+    r2 = zero
+    for j in range(xr.shape[0]):
+        d = xr[j] - k
+        d = d if mr[j] != 0 else zero
+        r1 += d
+        r2 += d * d
+    return r1, r2
+
+
+@nb.njit(**_SUM_FLAGS)
 def _stats(x, m, n, first, mean, var, zero, c0, c1):
     """Per channel c in [c0, c1): mean and biased variance of x[:, c, :] where m (N, L) is nonzero.
 
@@ -59,13 +73,7 @@ def _stats(x, m, n, first, mean, var, zero, c0, c1):
         s2 = 0.0
         for i in range(N):
             for j0 in range(0, L, _CHUNK):
-                r1 = zero
-                r2 = zero
-                for j in range(j0, min(L, j0 + _CHUNK)):
-                    d = x[i, c, j] - k
-                    d = d if m[i, j] != 0 else zero
-                    r1 += d
-                    r2 += d * d
+                r1, r2 = _masked_run_sums(x[i, c, j0:j0 + _CHUNK], m[i, j0:j0 + _CHUNK], k, zero)
                 s1 += r1
                 s2 += r2
         r = s1 / n
@@ -98,6 +106,24 @@ def _dz(dyv, yv, act, slope, zero):
 
 
 @nb.njit(**_SUM_FLAGS)
+def _run_grad_sums(dyr, yr, xr, k, act, slope, zero):
+    """Σ dz and Σ dz·(x − k) over a contiguous run (every position), in the input dtype."""
+    r1 = zero
+    r2 = zero
+    if act == 0:  # (a loop of its own: the activation's branch would keep it from vectorising)
+        for j in range(dyr.shape[0]):
+            dz = dyr[j]
+            r1 += dz
+            r2 += dz * (xr[j] - k)
+    else:
+        for j in range(dyr.shape[0]):
+            dz = _dz(dyr[j], yr[j], act, slope, zero)
+            r1 += dz
+            r2 += dz * (xr[j] - k)
+    return r1, r2
+
+
+@nb.njit(**_SUM_FLAGS)
 def _grad_sums(x, dy, y, k, act, slope, g, h, zero, c0, c1):
     """Per channel, over every position: ``g = Σ dz`` and ``Σ dz·(x − k)`` (``k`` the mean rounded to
     the input dtype, so ``x − k`` is exact near the mean), summed in the input dtype over runs of at
@@ -109,18 +135,8 @@ def _grad_sums(x, dy, y, k, act, slope, g, h, zero, c0, c1):
         sh = 0.0
         for i in range(N):
             for j0 in range(0, L, _CHUNK):
-                r1 = zero
-                r2 = zero
-                if act == 0:
-                    for j in range(j0, min(L, j0 + _CHUNK)):
-                        dz = dy[i, c, j]
-                        r1 += dz
-                        r2 += dz * (x[i, c, j] - kc)
-                else:
-                    for j in range(j0, min(L, j0 + _CHUNK)):
-                        dz = _dz(dy[i, c, j], y[i, c, j], act, slope, zero)
-                        r1 += dz
-                        r2 += dz * (x[i, c, j] - kc)
+                r1, r2 = _run_grad_sums(dy[i, c, j0:j0 + _CHUNK], y[i, c, j0:j0 + _CHUNK],
+                                        x[i, c, j0:j0 + _CHUNK], kc, act, slope, zero)
                 sg += r1
                 sh += r2
         g[c] = sg
@@ -152,19 +168,22 @@ def _forward(x, m, n, first, y, w, b, eps, act, slope, mean, var, tmp, zero, nt,
         tmp[3] = b[c]
         k, lo, sc, bc = tmp[0], tmp[1], tmp[2], tmp[3]
         N, _, L = x.shape
+        # (loops over 1-D rows indexed from 0 vectorise; 3-D indexing in the loop did not, measured)
         if act == 0 and nt:  # streaming stores: no read-for-ownership of y's lines
             for i in range(N):
-                yr = y[i, c]
+                xr, yr = x[i, c], y[i, c]
                 for j in range(L):
-                    _stream.store(yr, j, ((x[i, c, j] - k) - lo) * sc + bc)
+                    _stream.store(yr, j, ((xr[j] - k) - lo) * sc + bc)
         elif act == 0:  # (a loop of its own: the activation's branch would keep it from vectorising)
             for i in range(N):
+                xr, yr = x[i, c], y[i, c]
                 for j in range(L):
-                    y[i, c, j] = ((x[i, c, j] - k) - lo) * sc + bc
+                    yr[j] = ((xr[j] - k) - lo) * sc + bc
         else:
             for i in range(N):
+                xr, yr = x[i, c], y[i, c]
                 for j in range(L):
-                    y[i, c, j] = _act(((x[i, c, j] - k) - lo) * sc + bc, act, slope, zero)
+                    yr[j] = _act(((xr[j] - k) - lo) * sc + bc, act, slope, zero)
     if nt:
         _stream.fence()
 
@@ -187,18 +206,20 @@ def _backward(x, dy, y, m, k, lo, invstd, scale, n, act, slope, g, h, dx, tmp, z
         N, _, L = x.shape
         if act == 0:
             for i in range(N):
+                xr, dyr, mr, dxr = x[i, c], dy[i, c], m[i], dx[i, c]
                 for j in range(L):
-                    dz = dy[i, c, j]
-                    xh = ((x[i, c, j] - kc) - loc) * iv
+                    dz = dyr[j]
+                    xh = ((xr[j] - kc) - loc) * iv
                     v = dz - (gn + xh * hn)
-                    dx[i, c, j] = sc * (v if m[i, j] != 0 else dz)
+                    dxr[j] = sc * (v if mr[j] != 0 else dz)
         else:
             for i in range(N):
+                xr, dyr, yr, mr, dxr = x[i, c], dy[i, c], y[i, c], m[i], dx[i, c]
                 for j in range(L):
-                    dz = _dz(dy[i, c, j], y[i, c, j], act, slope, zero)
-                    xh = ((x[i, c, j] - kc) - loc) * iv
+                    dz = _dz(dyr[j], yr[j], act, slope, zero)
+                    xh = ((xr[j] - kc) - loc) * iv
                     v = dz - (gn + xh * hn)
-                    dx[i, c, j] = sc * (v if m[i, j] != 0 else dz)
+                    dxr[j] = sc * (v if mr[j] != 0 else dz)
 
 
 def supports(x: torch.Tensor, channel_axis: int) -> bool:
