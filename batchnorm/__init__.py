@@ -9,7 +9,7 @@ Layout (imports only go down; see ``docs/architecture.md``)::
     lab/         experiments, data, report, CLI (never imported by the library)
     bench/       what ``batchnorm bench`` runs
     lifecycle/   recalibrate, freeze, fold, convert, checkpoint, conventions, onnx, diagnostics
-    family/      renorm, ghost, inplace, sync
+    family/      renorm, ghost, inplace, sync, accumulate
     core/        functional, autograd + custom ops, modules
     kernels/     backend dispatch, numba CPU kernels, the torch composite reference
     stats.py, reference.py, _checks.py   the foundation every layer may import
@@ -42,6 +42,7 @@ from .core.modules import (
     BatchNormAct2d,
     BatchNormAct3d,
 )
+from .family.accumulate import StatsAccumulator, accumulate_stats
 from .family.ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d, ghost_batch_norm_train
 from .family.inplace import InPlaceABN1d, InPlaceABN2d, InPlaceABN3d, inplace_abn_eval, inplace_abn_train
 from .family.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, RenormSchedule, batch_renorm_train
@@ -141,12 +142,14 @@ __all__ = [
     "RecalibrationReport",
     "RenormSchedule",
     "RunningStats",
+    "StatsAccumulator",
     "SyncBatchNorm",
     "SyncBatchNormError",
     "SyncBatchNormJoinable",
     "TentResult",
     "TentSession",
     "Watch",
+    "accumulate_stats",
     "adapt",
     "adapt_step",
     "backend_for",

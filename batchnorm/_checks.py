@@ -123,3 +123,27 @@ def check_nonfinite(op: str, nonfinite: object) -> str:
                          f"folds any batch into the running statistics (PyTorch), 'skip' ignores a batch "
                          f"whose statistics are NaN/Inf, 'raise' raises on it")
     return str(nonfinite)
+
+
+def check_mask(op: str, mask: object, x: torch.Tensor, axis: int) -> torch.Tensor:
+    """A BN mask: a bool tensor with the input's shape less the channel axis (size-1 axes broadcast).
+
+    For ``(N, C, L)`` input the mask is ``(N, L)``; for ``(N, C)`` it is ``(N,)``; for ``(N, C, H, W)``
+    it is ``(N, H, W)`` or e.g. ``(N, 1, 1)`` (whole samples). True marks a valid position. The rank
+    must match exactly (no implicit leading axes): an ``(N,)`` mask on ``(N, C, L)`` input would
+    otherwise broadcast against L and silently mask the wrong positions.
+    """
+    want = tuple(s for d, s in enumerate(x.shape) if d != axis)
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{op}: expected mask to be a bool torch.Tensor of shape {want} (True = valid), got "
+                        f"{type(mask).__name__}; e.g. mask = torch.arange(L)[None, :] < lengths[:, None]")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{op}: expected a bool mask (True = valid position), got dtype {mask.dtype}; "
+                        f"convert it with mask.bool() (or mask != 0)")
+    if mask.ndim != len(want) or any(m not in (1, s) for m, s in zip(mask.shape, want)):
+        raise ValueError(f"{op}: expected a mask of shape {want} (the input shape {tuple(x.shape)} without "
+                         f"the channel axis {axis}; size-1 axes broadcast), got shape {tuple(mask.shape)}")
+    if mask.device != x.device:
+        raise ValueError(f"{op}: the mask is on {mask.device} but the input is on {x.device}; move it "
+                         f"with mask.to(x.device)")
+    return mask

@@ -2,7 +2,9 @@
 
 Everything that needs batch statistics goes through here: the torch backend of the training op,
 SyncBN (merging per-rank moments), precise recalibration (merging per-batch moments), Ghost BN
-(virtual sub-batches) and the lab's streaming dataset statistics.
+(virtual sub-batches), masked BN (statistics of the valid positions of a padded batch,
+:func:`masked_moments`), the accumulation of micro-batch statistics
+(:mod:`batchnorm.family.accumulate`) and the lab's streaming dataset statistics.
 
 Numerics, in one place:
 
@@ -28,7 +30,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["Moments", "acc_dtype", "batch_moments", "merge_moments", "reduce_dims"]
+__all__ = ["Moments", "acc_dtype", "batch_moments", "masked_moments", "merge_moments", "reduce_dims"]
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -103,3 +105,48 @@ def merge_moments(counts: torch.Tensor, means: torch.Tensor, m2s: torch.Tensor) 
     dev = means - mean
     m2 = m2s.sum(0) + (counts[:, None] * dev * dev).sum(0)
     return Moments(total, mean, m2.clamp_min(0))
+
+
+def masked_moments(x: torch.Tensor, mask: torch.Tensor, channel_axis: int = 1) -> Moments:
+    """Per-channel moments of the **valid** positions of ``x``: ``(n, μ, M2)`` over ``mask == True``.
+
+    ``mask`` is a bool tensor with ``x``'s shape less the channel axis (size-1 axes broadcast), e.g.
+    ``(N, L)`` for ``(N, C, L)`` input: the same positions are valid in every channel, so the count
+    ``n`` is one number (a 0-d tensor, like :meth:`Moments.of`'s)::
+
+        n = Σ m,   μ = Σ m·x / n,   M2 = Σ m·(x − μ)²            (sums over every axis but C)
+
+    computed corrected two-pass as :func:`batch_moments` (``r = Σ m·(x − μ₀) / n`` is added back to the
+    first mean ``μ₀`` and ``n·r²`` taken off ``M2``), in the accumulation dtype. Padded positions
+    never enter a sum (they are selected away, not multiplied by 0), so whatever they hold — zeros,
+    garbage, NaN or Inf — has no effect on the statistics. ``n = 0`` (nothing valid, e.g. a rank
+    whose samples are all padding) gives ``Moments(0, 0, 0)``, which :func:`merge_moments` ignores:
+    the result is count-weighted and merges exactly with other ranks' or micro-batches' moments.
+
+    The mask is not validated here (see :func:`batchnorm._checks.check_mask`); this is the one
+    masked statistics routine the functional op, the modules, SyncBN and the accumulation share.
+
+    Example:
+        >>> x = torch.randn(4, 3, 10)
+        >>> lengths = torch.tensor([10, 7, 0, 3])
+        >>> mask = torch.arange(10)[None, :] < lengths[:, None]          # (N, L), True = valid
+        >>> m = masked_moments(x, mask)
+        >>> int(m.count), m.mean.shape
+        (20, torch.Size([3]))
+    """
+    axis = channel_axis % x.ndim
+    dims = reduce_dims(x.ndim, axis)
+    acc = acc_dtype(x.dtype)
+    xa = x if x.dtype == acc else x.to(acc)
+    m = mask.unsqueeze(axis)
+    full = tuple(s for d, s in enumerate(x.shape) if d != axis)
+    count = mask.expand(full).sum().to(acc)
+    n = count.clamp_min(1)
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    zero = xa.new_zeros(())
+    mean0 = torch.where(m, xa, zero).sum(dim=dims) / n
+    centred = torch.where(m, xa - mean0.reshape(shape), zero)
+    resid = centred.sum(dim=dims) / n
+    m2 = (centred * centred).sum(dim=dims) - n * resid * resid
+    return Moments(count, mean0 + resid, m2.clamp_min(0))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from .. import kernels
-from ..kernels import torch_backend
+from ..kernels import masked, torch_backend
 
 
 class BatchNormTrainFn(torch.autograd.Function):
@@ -117,3 +117,71 @@ def eval_apply(x, mean, var, weight, bias, eps, channel_axis, act, slope):
         backend = kernels.select(x, channel_axis, act)
         return backend.eval_forward(x, mean, var, weight, bias, eps, channel_axis, act, slope)
     return BatchNormEvalFn.apply(x, mean, var, weight, bias, eps, channel_axis, act, slope)
+
+
+class MaskedBatchNormTrainFn(torch.autograd.Function):
+    """``y, mean, var, count = MaskedBatchNormTrainFn.apply(x, mask, weight, bias, eps, axis, act, slope)``.
+
+    Masked training BN (:mod:`batchnorm.kernels.masked`): statistics over ``mask``'s valid positions,
+    every position normalised with them. ``mean``, ``var`` (biased) and the valid ``count`` (0-d) are
+    non-differentiable side outputs for the running statistics. The output is normalised by the
+    selected backend's ``eval_forward`` (a per-channel affine map once the statistics are known).
+    """
+
+    @staticmethod
+    def forward(ctx, x, mask, weight, bias, eps, channel_axis, act, slope):
+        y, mean, var, count = _masked_forward(x, mask, weight, bias, eps, channel_axis, act, slope)
+        ctx.impl = _masked_impl(x, channel_axis, act)
+        ctx.cfg = (eps, channel_axis, act, slope)
+        ctx.save_for_backward(x, mask, weight, bias, mean, var, count, y if act != "identity" else None)
+        ctx.mark_non_differentiable(mean, var, count)
+        ctx.set_materialize_grads(False)
+        return y, mean, var, count
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dvar, _dcount):
+        x, mask, weight, bias, mean, var, count, y = ctx.saved_tensors
+        eps, axis, act, slope = ctx.cfg
+        if dy is None:
+            return (None,) * 8
+        if torch.is_grad_enabled():  # create_graph: differentiate through recomputed statistics
+            dx, dw, db = masked.differentiable_masked_backward(dy, x, mask, weight, bias, eps, axis, act,
+                                                               slope)
+        else:
+            dx, dw, db = ctx.impl.masked_backward(dy, x, y, mask, count, weight, bias, mean, var, eps, axis,
+                                                  act, slope)
+        return (dx if ctx.needs_input_grad[0] else None, None,
+                dw if ctx.needs_input_grad[2] else None,
+                db if ctx.needs_input_grad[3] else None,
+                None, None, None, None)
+
+
+def _masked_impl(x, channel_axis, act):
+    """Who computes the masked statistics and backward: the numba kernels
+    (:mod:`batchnorm.kernels.masked_cpu`, imported on first use) where the numba backend would run
+    this input and it is channels-first contiguous; the torch composite
+    (:mod:`batchnorm.kernels.masked`) elsewhere, and always under ``torch.compile``."""
+    if torch.compiler.is_compiling() or kernels.select(x, channel_axis, act).name != "numba":
+        return masked
+    from ..kernels import masked_cpu
+
+    return masked_cpu if masked_cpu.supports(x, channel_axis) else masked
+
+
+def _masked_forward(x, mask, weight, bias, eps, channel_axis, act, slope):
+    impl = _masked_impl(x, channel_axis, act)
+    if impl is not masked:  # the fused kernel: statistics and output in one sweep per channel
+        return impl.masked_forward(x, mask, weight, bias, eps, channel_axis, act, slope)
+    mean, var, count = masked.masked_stats(x, mask, channel_axis)
+    # (under torch.compile the composite normalisation is traced; the numba kernels are opaque to it)
+    backend = torch_backend if torch.compiler.is_compiling() else kernels.select(x, channel_axis, act)
+    y = backend.eval_forward(x, mean, var, weight, bias, eps, channel_axis, act, slope)
+    return y, mean, var, count
+
+
+def masked_train_apply(x, mask, weight, bias, eps, channel_axis, act, slope):
+    """``(y, mean, var, count)`` of masked BN training: :class:`MaskedBatchNormTrainFn`, or (with
+    nothing to record) the forward directly, as :func:`train_apply` does."""
+    if not _records(x, weight, bias):
+        return _masked_forward(x, mask, weight, bias, eps, channel_axis, act, slope)
+    return MaskedBatchNormTrainFn.apply(x, mask, weight, bias, eps, channel_axis, act, slope)

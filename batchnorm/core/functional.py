@@ -41,12 +41,13 @@ from .._checks import (
     check_channel_tensor,
     check_eps,
     check_input,
+    check_mask,
     check_momentum,
     check_nonfinite,
     check_tensor,
 )
-from ..stats import acc_dtype
-from .autograd import eval_apply, train_apply
+from ..stats import acc_dtype, masked_moments
+from .autograd import eval_apply, masked_train_apply, train_apply
 
 __all__ = [
     "RunningStats",
@@ -67,7 +68,8 @@ class RunningStats(NamedTuple):
 
 
 def moments(
-    x: torch.Tensor, axes: Sequence[int] | None = None, keepdim: bool = False
+    x: torch.Tensor, axes: Sequence[int] | None = None, keepdim: bool = False, *,
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and biased variance of ``x`` over ``axes`` (``tf.nn.moments``).
 
@@ -78,6 +80,11 @@ def moments(
         x: floating tensor.
         axes: axes to reduce; default all but axis 1 (per-channel statistics of NC... input).
         keepdim: keep reduced axes with size 1 (``keep_dims`` in TensorFlow).
+        mask: optional bool tensor, True = valid: the moments of the valid values only
+            (``Σ m·x / Σ m`` and ``Σ m·(x − μ)² / Σ m``, see :func:`batchnorm.stats.masked_moments`).
+            Its shape is ``x``'s without axis 1 (``(N, L)`` for ``(N, C, L)``; size-1 axes
+            broadcast) and it needs the default per-channel ``axes`` (all but axis 1). Not
+            differentiable with respect to the mask; differentiable in ``x``.
 
     Example:
         >>> x = torch.randn(8, 3, 4, 4)
@@ -102,6 +109,8 @@ def moments(
         dims.append(a % x.ndim)
     if len(set(dims)) != len(dims):
         raise ValueError(f"{op}: repeated axis in axes={list(axes)}; list each axis once")
+    if mask is not None:
+        return _masked_moments_tf(op, x, dims, keepdim, mask)
     xa = x.to(acc_dtype(x.dtype))
     if not dims:  # axes=[] reduces nothing (NumPy, TensorFlow); torch would read dim=[] as "every axis"
         return x.clone(), ((xa - xa) ** 2).to(x.dtype)
@@ -110,6 +119,24 @@ def moments(
     if not keepdim:
         mean = mean.squeeze(dims)
     return mean.to(x.dtype), var.to(x.dtype)
+
+
+def _masked_moments_tf(op, x, dims, keepdim, mask):
+    """:func:`moments` with a mask: per-channel (axis 1) moments of the valid values."""
+    if x.ndim < 2 or sorted(dims) != [d for d in range(x.ndim) if d != 1]:
+        raise ValueError(f"{op}: a mask needs per-channel moments (axes = every axis but 1, the default), "
+                         f"got axes={dims} for a {x.ndim}-D input; leave axes=None")
+    check_mask(op, mask, x, 1)
+    mom = masked_moments(x, mask, 1)
+    if float(mom.count) == 0:
+        raise ValueError(f"{op}: the mask marks no valid position (all False); moments of no values are "
+                         f"undefined - skip the call, or check the mask")
+    mean, var = mom.mean.to(x.dtype), mom.var.to(x.dtype)
+    if keepdim:
+        shape = [1] * x.ndim
+        shape[1] = -1
+        mean, var = mean.reshape(shape), var.reshape(shape)
+    return mean, var
 
 
 def batch_norm(
@@ -288,6 +315,7 @@ def batch_norm_train(
     running_var_unbiased: bool = True,
     nonfinite: str = "update",
     inplace_stats: bool = False,
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, RunningStats]:
     """Training-mode BN: normalise with batch statistics, return the output and new running stats.
 
@@ -311,6 +339,16 @@ def batch_norm_train(
             ``num_batches_tracked`` (as ``torch.nn.functional.batch_norm`` does) and return those
             tensors, instead of returning new ones (see :func:`update_running_stats`). Only after every
             check has passed and the output is computed: a bad call still changes nothing.
+        mask: masked BN for padded batches: a bool tensor, True = valid, with the input's shape
+            less the channel axis (``(N, L)`` for ``(N, C, L)``, ``(N,)`` for ``(N, C)``, ``(N, H, W)``
+            or ``(N, 1, 1)`` for ``(N, C, H, W)``). The statistics are those of the valid positions
+            only (``n = Σ m``, ``μ = Σ m·x / n``, ``σ² = Σ m·(x − μ)² / n``); every position, valid
+            or not, is normalised with them; the backward is the exact gradient of that (padded
+            positions get the elementwise part ``γ·invstd·dy`` only, see
+            :mod:`batchnorm.kernels.masked`); the running statistics and the unbiased correction
+            ``n/(n − 1)`` use the valid count. Fewer than 2 valid values per channel is an error.
+            Equals plain BN on the valid positions packed together (outputs there, gradients,
+            running statistics).
 
     Returns:
         ``(y, RunningStats(mean, var, num_batches_tracked))``; the stats are the inputs unchanged
@@ -324,11 +362,20 @@ def batch_norm_train(
         activation=activation, negative_slope=negative_slope, nonfinite=nonfinite,
         num_batches_tracked=num_batches_tracked)
 
-    y, mean, var = train_apply(x, weight, bias, eps, axis, act, slope)  # (custom op under torch.compile)
+    if mask is not None:
+        check_mask(op, mask, x, axis)
+        n = int(mask.expand([s for d, s in enumerate(x.shape) if d != axis]).sum())
+        if n <= 1:
+            raise ValueError(f"{op}: expected more than 1 valid value per channel when training, got {n} "
+                             f"(mask of shape {tuple(mask.shape)} on input shape {tuple(x.shape)}; variance "
+                             f"undefined); use a batch with at least 2 valid positions, or eval mode")
+        y, mean, var, _ = masked_train_apply(x, mask, weight, bias, eps, axis, act, slope)
+    else:
+        y, mean, var = train_apply(x, weight, bias, eps, axis, act, slope)  # (custom op under torch.compile)
+        n = x.numel() // c
     old = RunningStats(running_mean, running_var, num_batches_tracked)
     if running_mean is None or _skip_nonfinite(op, nonfinite, mean, var):
         return y, old
-    n = x.numel() // c
     return y, update_running_stats(running_mean, running_var, mean, var, n, momentum,
                                    num_batches_tracked, running_var_unbiased, inplace=inplace_stats)
 

@@ -12,6 +12,8 @@ Extras, all keyword-only and off by default:
 * ``running_var_unbiased`` — what ``running_var`` stores (PyTorch: unbiased; Keras/Flax: biased);
 * ``nonfinite`` — ``"update"`` (PyTorch), ``"skip"`` or ``"raise"`` for batches with NaN/Inf;
 * :meth:`from_convention` — build a layer from Keras, Flax or Darknet conventions.
+* ``forward(input, mask=)`` — masked BN for padded batches: training statistics of the valid
+  positions only (see :func:`batchnorm.batch_norm_train`).
 
 Conventions table (``momentum`` is always PyTorch's weight of the new batch)::
 
@@ -35,6 +37,7 @@ from .._checks import (
     check_activation,
     check_eps,
     check_input,
+    check_mask,
     check_momentum,
     check_nonfinite,
     check_num_features,
@@ -173,16 +176,31 @@ class _BatchNorm(nn.Module):
     def _use_batch_stats(self) -> bool:
         return self.training or self.running_mean is None
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """BN of ``input``; ``mask`` (bool, True = valid, the input's shape less the channel axis, e.g.
+        ``(N, L)`` for ``(N, C, L)``) makes training statistics those of the valid positions only
+        (masked BN for padded batches, see :func:`batchnorm.batch_norm_train`). In eval mode the
+        running statistics normalise every position and the mask is only checked."""
         op = type(self).__name__
         batch_stats = self._use_batch_stats()
         x, axis = check_input(op, input, ranks=self._ranks, channel_axis=self.channel_axis,
-                              num_features=self.num_features, training=batch_stats)
+                              num_features=self.num_features, training=batch_stats and mask is None)
+        if mask is not None:
+            return self._masked_forward(op, x, axis, mask, batch_stats)
         if not batch_stats:
             return F.batch_norm_eval(x, self.running_mean, self.running_var, self.weight, self.bias,
                                      eps=self.eps, channel_axis=axis, activation=self.activation,
                                      negative_slope=self.negative_slope)
         return self._train_step(F.batch_norm_train, x, axis, inplace_stats=True)
+
+    def _masked_forward(self, op: str, x: torch.Tensor, axis: int, mask: torch.Tensor,
+                        batch_stats: bool) -> torch.Tensor:
+        if not batch_stats:
+            check_mask(op, mask, x, axis)
+            return F.batch_norm_eval(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                     eps=self.eps, channel_axis=axis, activation=self.activation,
+                                     negative_slope=self.negative_slope)
+        return self._train_step(F.batch_norm_train, x, axis, inplace_stats=True, mask=mask)
 
     def _train_step(self, fn, x: torch.Tensor, axis: int, **extra: Any) -> torch.Tensor:
         """Run a training-mode functional op (state in, state out) with this layer's flags.

@@ -1,0 +1,295 @@
+"""numba CPU kernels of masked BN (padded batches): the statistics and the backward, per channel.
+
+The torch composite path (:mod:`batchnorm.kernels.masked`) costs ~12× plain BN on the benchmark
+shape (``python -m batchnorm.bench.masked``: ``(64, 256, 400)`` float32, 30 % padding) because each
+``torch.where`` and reduction is a pass over memory. These kernels do what the formulas need in as
+few passes as plain BN's: per channel (channels split over threads, as the plain kernels are),
+
+* statistics: one pass of shifted sums (float64 accumulators, shift = the channel's first valid
+  value, a second centred pass where the shift was too far from the mean); padded values are
+  selected away, never multiplied by 0, so they cannot poison a sum; the output is then written by
+  the plain ``eval_forward`` kernel (a per-channel affine map);
+* backward: one pass for ``g = Σ dz`` and ``h = Σ dz·x̂`` over every position, one writing
+  ``dx = γ·invstd·(dz − m·(g + x̂·h)/n)``, with ``dz = dy·act'(y)`` read from the output.
+
+Layout: channels-first contiguous input viewed as ``(N, C, L)`` (``(N, C)`` is ``L = 1``, NCHW is
+``L = H·W``), float32 or float64, the mask materialised as ``(N, L)`` uint8. Anything else runs the
+torch path (same results up to rounding; the tests hold both to the float64 oracle).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ._numba_setup import configure
+
+configure()  # the cache folder must be known before numba is imported
+
+import numba as nb  # noqa: E402
+
+from . import _pool, _stream  # noqa: E402
+from ._cpu_team import _parallel, _split  # noqa: E402
+from .cpu import _streams  # noqa: E402
+
+_FLAGS = {"cache": True, "nogil": True, "error_model": "numpy", "fastmath": {"contract"}}
+_SUM_FLAGS = {**_FLAGS, "fastmath": {"reassoc", "contract"}}  # sums may re-associate (vectorise)
+_ACT = {"identity": 0, "relu": 1, "leaky_relu": 2, "elu": 3}
+_MIN_PER_THREAD = 1 << 15
+
+
+_CHUNK = 4096  # values summed in the input dtype before the partial sum joins the float64 total
+
+
+@nb.njit(**_SUM_FLAGS)
+def _masked_run_sums(xr, mr, k, zero):
+    """Σ (v − k) and Σ (v − k)² over the valid values of a contiguous run (≤ _CHUNK values), in the
+    input dtype (a 1-D run indexed from 0: the loop vectorises)."""
+    r1 = zero
+    r2 = zero
+    for j in range(xr.shape[0]):
+        d = xr[j] - k
+        d = d if mr[j] != 0 else zero
+        r1 += d
+        r2 += d * d
+    return r1, r2
+
+
+@nb.njit(**_SUM_FLAGS)
+def _stats(x, m, n, first, mean, var, zero, c0, c1):
+    """Per channel c in [c0, c1): mean and biased variance of x[:, c, :] where m (N, L) is nonzero.
+
+    One pass of shifted sums ``Σ (v − k)`` and ``Σ (v − k)²`` with ``k`` the channel's first valid
+    value (so ``|mean − k|`` is of the order of the spread), summed in the input dtype over runs of
+    at most ``_CHUNK`` values (that vectorises) and in float64 across runs. Where the shift is still
+    far from the mean (``(mean − k)² > 1e6 · var``: cancellation could cost digits) a second pass
+    centred on the mean recomputes the variance in float64. ``n`` is the valid count (at least 1),
+    ``first`` the flat (N, L) index of the first valid position (-1: none).
+    """
+    N, _, L = x.shape
+    for c in range(c0, c1):
+        k = zero if first < 0 else x[first // L, c, first % L]
+        s1 = 0.0
+        s2 = 0.0
+        for i in range(N):
+            for j0 in range(0, L, _CHUNK):
+                r1, r2 = _masked_run_sums(x[i, c, j0:j0 + _CHUNK], m[i, j0:j0 + _CHUNK], k, zero)
+                s1 += r1
+                s2 += r2
+        r = s1 / n
+        mu = k + r
+        v = max(s2 / n - r * r, 0.0)
+        if r * r > 1e6 * v:
+            s1 = 0.0
+            s2 = 0.0
+            for i in range(N):
+                for j in range(L):
+                    d = x[i, c, j] - mu if m[i, j] != 0 else 0.0
+                    s1 += d
+                    s2 += d * d
+            r = s1 / n
+            mu = mu + r
+            v = max(s2 / n - r * r, 0.0)
+        mean[c] = mu
+        var[c] = v
+
+
+@nb.njit(**_FLAGS)
+def _dz(dyv, yv, act, slope, zero):
+    if act == 0 or yv > zero:
+        return dyv
+    if act == 1:
+        return zero
+    if act == 2:
+        return dyv * slope
+    return dyv * (yv + slope)
+
+
+@nb.njit(**_SUM_FLAGS)
+def _run_grad_sums(dyr, yr, xr, k, act, slope, zero):
+    """Σ dz and Σ dz·(x − k) over a contiguous run (every position), in the input dtype."""
+    r1 = zero
+    r2 = zero
+    if act == 0:  # (a loop of its own: the activation's branch would keep it from vectorising)
+        for j in range(dyr.shape[0]):
+            dz = dyr[j]
+            r1 += dz
+            r2 += dz * (xr[j] - k)
+    else:
+        for j in range(dyr.shape[0]):
+            dz = _dz(dyr[j], yr[j], act, slope, zero)
+            r1 += dz
+            r2 += dz * (xr[j] - k)
+    return r1, r2
+
+
+@nb.njit(**_SUM_FLAGS)
+def _grad_sums(x, dy, y, k, act, slope, g, h, zero, c0, c1):
+    """Per channel, over every position: ``g = Σ dz`` and ``Σ dz·(x − k)`` (``k`` the mean rounded to
+    the input dtype, so ``x − k`` is exact near the mean), summed in the input dtype over runs of at
+    most ``_CHUNK`` values and in float64 across runs."""
+    N, _, L = x.shape
+    for c in range(c0, c1):
+        kc = k[c]
+        sg = 0.0
+        sh = 0.0
+        for i in range(N):
+            for j0 in range(0, L, _CHUNK):
+                r1, r2 = _run_grad_sums(dy[i, c, j0:j0 + _CHUNK], y[i, c, j0:j0 + _CHUNK],
+                                        x[i, c, j0:j0 + _CHUNK], kc, act, slope, zero)
+                sg += r1
+                sh += r2
+        g[c] = sg
+        h[c] = sh
+
+
+@nb.njit(**_FLAGS)
+def _act(z, act, slope, zero):
+    if act == 0 or z > zero:
+        return z
+    if act == 1:
+        return zero
+    if act == 2:
+        return z * slope
+    return slope * np.expm1(z)
+
+
+@nb.njit(**_FLAGS)
+def _forward(x, m, n, first, y, w, b, eps, act, slope, mean, var, tmp, zero, nt, c0, c1):
+    """Statistics (:func:`_stats`) and output of channels [c0, c1), one channel at a time: the
+    output pass reads the channel again while it is still in cache (one channel of the benchmark
+    shape is 100 KB), so memory sees about one read of x and one write of y, as for plain BN."""
+    for c in range(c0, c1):
+        _stats(x, m, n, first, mean, var, zero, c, c + 1)
+        invstd = 1.0 / np.sqrt(var[c] + eps)
+        tmp[0] = mean[c]
+        tmp[1] = mean[c] - tmp[0]
+        tmp[2] = invstd * w[c]
+        tmp[3] = b[c]
+        k, lo, sc, bc = tmp[0], tmp[1], tmp[2], tmp[3]
+        N, _, L = x.shape
+        # (loops over 1-D rows indexed from 0 vectorise; 3-D indexing in the loop did not, measured)
+        if act == 0 and nt:  # streaming stores: no read-for-ownership of y's lines
+            for i in range(N):
+                xr, yr = x[i, c], y[i, c]
+                for j in range(L):
+                    _stream.store(yr, j, ((xr[j] - k) - lo) * sc + bc)
+        elif act == 0:  # (a loop of its own: the activation's branch would keep it from vectorising)
+            for i in range(N):
+                xr, yr = x[i, c], y[i, c]
+                for j in range(L):
+                    yr[j] = ((xr[j] - k) - lo) * sc + bc
+        else:
+            for i in range(N):
+                xr, yr = x[i, c], y[i, c]
+                for j in range(L):
+                    yr[j] = _act(((xr[j] - k) - lo) * sc + bc, act, slope, zero)
+    if nt:
+        _stream.fence()
+
+
+@nb.njit(**_FLAGS)
+def _backward(x, dy, y, m, k, lo, invstd, scale, n, act, slope, g, h, dx, tmp, zero, c0, c1):
+    """Backward of channels [c0, c1), one channel at a time (its sums, then its dx while the channel
+    is still in cache): ``g``, ``h`` (float64) and ``dx``."""
+    for c in range(c0, c1):
+        _grad_sums(x, dy, y, k, act, slope, g, h, zero, c, c + 1)
+        hc = (h[c] - lo[c] * g[c]) * invstd[c]  # Σ dz·x̂ = (Σ dz·(x − k) − (μ − k)·Σ dz)·invstd
+        h[c] = hc
+        tmp[0] = k[c]
+        tmp[1] = lo[c]
+        tmp[2] = invstd[c]
+        tmp[3] = scale[c]
+        tmp[4] = g[c] / n
+        tmp[5] = hc / n
+        kc, loc, iv, sc, gn, hn = tmp[0], tmp[1], tmp[2], tmp[3], tmp[4], tmp[5]
+        N, _, L = x.shape
+        if act == 0:
+            for i in range(N):
+                xr, dyr, mr, dxr = x[i, c], dy[i, c], m[i], dx[i, c]
+                for j in range(L):
+                    dz = dyr[j]
+                    xh = ((xr[j] - kc) - loc) * iv
+                    v = dz - (gn + xh * hn)
+                    dxr[j] = sc * (v if mr[j] != 0 else dz)
+        else:
+            for i in range(N):
+                xr, dyr, yr, mr, dxr = x[i, c], dy[i, c], y[i, c], m[i], dx[i, c]
+                for j in range(L):
+                    dz = _dz(dyr[j], yr[j], act, slope, zero)
+                    xh = ((xr[j] - kc) - loc) * iv
+                    v = dz - (gn + xh * hn)
+                    dxr[j] = sc * (v if mr[j] != 0 else dz)
+
+
+def supports(x: torch.Tensor, channel_axis: int) -> bool:
+    """Channels-first contiguous float32/float64 CPU tensors (plain, not a subclass)."""
+    return (type(x) is torch.Tensor and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+            and channel_axis == 1 and x.is_contiguous() and x.numel() > 0)
+
+
+def _ncl(t: torch.Tensor):
+    return t.detach().reshape(t.shape[0], t.shape[1], -1).numpy()
+
+
+def _mask_nl(mask: torch.Tensor, x: torch.Tensor):
+    full = (x.shape[0], *x.shape[2:])
+    return mask.expand(full).contiguous().view(torch.uint8).reshape(x.shape[0], -1).numpy()
+
+
+def _parts(x: torch.Tensor) -> list[tuple[int, int]]:
+    c = x.shape[1]
+    nt = max(1, min(torch.get_num_threads(), c, x.numel() // _MIN_PER_THREAD))
+    return _split(c, nt)
+
+
+def masked_forward(x, mask, weight, bias, eps, channel_axis, act, slope):
+    """``(y, mean, biased_var, count)`` of masked training BN (statistics returned in the input dtype,
+    the accumulation dtype here, as :func:`batchnorm.kernels.masked.masked_stats` does)."""
+    c = x.shape[1]
+    mean = torch.empty(c, dtype=torch.float64)
+    var = torch.empty(c, dtype=torch.float64)
+    w = torch.ones(c, dtype=torch.float64) if weight is None else weight.detach().double()
+    b = torch.zeros(c, dtype=torch.float64) if bias is None else bias.detach().double()
+    y = _pool.empty_like(x)  # recycled pages: fresh 4 KiB page faults cost as much as the kernel
+    xn, mn, yn = _ncl(x), _mask_nl(mask, x), _ncl(y)
+    mv, vv, wv, bv = mean.numpy(), var.numpy(), w.numpy(), b.numpy()
+    zero, sl, code = xn.dtype.type(0), xn.dtype.type(slope), _ACT[act]
+    valid = np.flatnonzero(mn)
+    n, first = max(valid.size, 1), int(valid[0]) if valid.size else -1
+    parts = _parts(x)
+    tmps = [np.zeros(4, xn.dtype) for _ in parts]
+    nt = act == "identity" and _streams(y, act, xn.shape[2])
+    _parallel(lambda c0, c1, t: _forward(xn, mn, n, first, yn, wv, bv, float(eps), code, sl, mv, vv, t, zero,
+                                         nt, c0, c1), [(c0, c1, t) for (c0, c1), t in zip(parts, tmps)])
+    count = torch.tensor(float(valid.size), dtype=x.dtype)
+    return y, mean.to(x.dtype), var.to(x.dtype), count
+
+
+def masked_backward(dy, x, y, mask, count, weight, bias, mean, var, eps, channel_axis, act, slope):
+    """Same contract as :func:`batchnorm.kernels.masked.masked_backward` (``y`` must be the output
+    for a non-identity activation; it is not read for identity)."""
+    c = x.shape[1]
+    mean64 = mean.double()
+    invstd = torch.rsqrt(var.double() + eps)
+    scale = invstd if weight is None else invstd * weight.detach().double()
+    k = mean64.to(x.dtype)
+    lo = mean64 - k.double()
+    g = torch.empty(c, dtype=torch.float64)
+    h = torch.empty(c, dtype=torch.float64)
+    xn, dyn = _ncl(x), _ncl(dy.contiguous())
+    yn = dyn if y is None else _ncl(y.contiguous())
+    mn = _mask_nl(mask, x)
+    dx = _pool.empty_like(x)
+    dxn = _ncl(dx)
+    code = _ACT[act]
+    zero, sl = xn.dtype.type(0), xn.dtype.type(slope)
+    kn, lon, ivn, scn, gv, hv = k.numpy(), lo.numpy(), invstd.numpy(), scale.numpy(), g.numpy(), h.numpy()
+    n = float(count)
+    parts = _parts(x)
+    tmps = [np.zeros(6, xn.dtype) for _ in parts]
+    _parallel(lambda c0, c1, t: _backward(xn, dyn, yn, mn, kn, lon, ivn, scn, n, code, sl, gv, hv, dxn, t,
+                                          zero, c0, c1), [(c0, c1, t) for (c0, c1), t in zip(parts, tmps)])
+    dweight = None if weight is None else h.to(weight.dtype)
+    dbias = None if bias is None else g.to(bias.dtype)
+    return dx, dweight, dbias
