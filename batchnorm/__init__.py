@@ -42,6 +42,13 @@ from .core.modules import (
     BatchNormAct2d,
     BatchNormAct3d,
 )
+from .core.residual import (
+    BatchNormAddAct1d,
+    BatchNormAddAct2d,
+    BatchNormAddAct3d,
+    batch_norm_add_act_eval,
+    batch_norm_add_act_train,
+)
 from .family.ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d, ghost_batch_norm_train
 from .family.inplace import InPlaceABN1d, InPlaceABN2d, InPlaceABN3d, inplace_abn_eval, inplace_abn_train
 from .family.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, RenormSchedule, batch_renorm_train
@@ -54,6 +61,7 @@ from .lifecycle.diagnostics import BNDiagnostics, Watch, diagnose
 from .lifecycle.fold import find_foldable, fold_bn, fold_conv_bn
 from .lifecycle.freeze import FrozenBatchNorm, freeze, unfreeze
 from .lifecycle.recalibrate import RecalibrationReport, recalibrate
+from .lifecycle.residual import fuse_residual_blocks, register_residual_block, residual_block_spec
 
 __version__ = "0.1.0"
 
@@ -107,6 +115,9 @@ __all__ = [
     "BatchNormAct1d",
     "BatchNormAct2d",
     "BatchNormAct3d",
+    "BatchNormAddAct1d",
+    "BatchNormAddAct2d",
+    "BatchNormAddAct3d",
     "BatchRenorm1d",
     "BatchRenorm2d",
     "BatchRenorm3d",
@@ -125,6 +136,8 @@ __all__ = [
     "Watch",
     "backend_for",
     "batch_norm",
+    "batch_norm_add_act_eval",
+    "batch_norm_add_act_train",
     "batch_norm_eval",
     "batch_norm_train",
     "batch_renorm_train",
@@ -138,6 +151,7 @@ __all__ = [
     "fold_conv_bn",
     "freeze",
     "functional",
+    "fuse_residual_blocks",
     "get_backend",
     "ghost_batch_norm_train",
     "inplace_abn_eval",
@@ -149,6 +163,8 @@ __all__ = [
     "read_checkpoint",
     "recalibrate",
     "reference",
+    "register_residual_block",
+    "residual_block_spec",
     "save_checkpoint",
     "set_backend",
     "stats",
