@@ -61,7 +61,12 @@ from .lifecycle.diagnostics import BNDiagnostics, Watch, diagnose
 from .lifecycle.fold import find_foldable, fold_bn, fold_conv_bn
 from .lifecycle.freeze import FrozenBatchNorm, freeze, unfreeze
 from .lifecycle.recalibrate import RecalibrationReport, recalibrate
-from .lifecycle.residual import fuse_residual_blocks, register_residual_block, residual_block_spec
+from .lifecycle.residual import (
+    fuse_residual_blocks,
+    fuse_sequential_activations,
+    register_residual_block,
+    residual_block_spec,
+)
 
 __version__ = "0.1.0"
 
@@ -152,6 +157,7 @@ __all__ = [
     "freeze",
     "functional",
     "fuse_residual_blocks",
+    "fuse_sequential_activations",
     "get_backend",
     "ghost_batch_norm_train",
     "inplace_abn_eval",

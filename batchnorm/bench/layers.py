@@ -456,6 +456,10 @@ def _parse_case(text: str) -> tuple[tuple[int, ...], str]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``batchnorm bench``; returns the process exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--model" in argv:  # whole networks: batchnorm.bench.models
+        from .models import main as models_main
+
+        return models_main(argv)
     if "--inplace" in argv:
         from .inplace import main as inplace_main
 

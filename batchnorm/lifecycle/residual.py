@@ -33,6 +33,7 @@ changed in place and returned; every block is checked before any is replaced.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -51,7 +52,8 @@ from ..core.modules import (
 from ..core.residual import BatchNormAddAct1d, BatchNormAddAct2d, BatchNormAddAct3d
 from .convert import convert_to_batchnorm
 
-__all__ = ["FusedResidualBlock", "fuse_residual_blocks", "register_residual_block", "residual_block_spec"]
+__all__ = ["FusedResidualBlock", "fuse_residual_blocks", "fuse_sequential_activations",
+           "register_residual_block", "residual_block_spec"]
 
 _TORCH_BN = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
 _OURS_BN = {BatchNorm1d: 1, BatchNorm2d: 2, BatchNorm3d: 3}
@@ -232,3 +234,33 @@ def fuse_residual_blocks(model: nn.Module) -> nn.Module:
             else:
                 setattr(parent, attr, new)
     return out
+
+
+def fuse_sequential_activations(model: nn.Module) -> nn.Module:
+    """Fuse every BN directly followed by an activation inside a Sequential, keeping the keys.
+
+    In every ``nn.Sequential`` (or subclass that keeps Sequential's ``forward``, such as torchvision's
+    ``Conv2dNormActivation``), a child BN (torch's or ours, exact types) followed by a fusable
+    activation module (ReLU, LeakyReLU, ELU, SiLU, Hardswish, GELU, Sigmoid, Tanh) becomes
+    :class:`batchnorm.BatchNormAct2d` (sharing the BN's tensors) and the activation ``nn.Identity()``:
+    the child names, and so the ``state_dict`` keys, stay as they were. (``convert_to_batchnorm
+    (fuse_activations=True)`` fuses only two-element Sequentials, changing their keys.) In place;
+    returns ``model``.
+    """
+    op = "fuse_sequential_activations"
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{op}: expected a torch.nn.Module, got {type(model).__name__}")
+    plans: list[tuple[nn.Module, str, str, nn.Module, nn.Module]] = []
+    for m in model.modules():
+        if not isinstance(m, nn.Sequential) or type(m).forward is not nn.Sequential.forward:
+            continue
+        names = list(m._modules)
+        for a, b in itertools.pairwise(names):
+            bn, act = m._modules[a], m._modules[b]
+            if (type(bn) in _TORCH_BN or type(bn) in _OURS_BN) and activation_of_module(act) is not None:
+                plans.append((m, a, b, bn, act))
+    with torch.no_grad():
+        for m, a, b, bn, act in plans:
+            setattr(m, a, _fused(bn, act, _ACT, op, a))
+            setattr(m, b, nn.Identity())
+    return model

@@ -167,3 +167,29 @@ def test_convert_fuses_and_unfuses_the_new_activations(act_module, name):
     with torch.no_grad():
         assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5, what="eval output")
     assert type(folded[1]) is type(act_module)
+
+
+class ConvNormAct(nn.Sequential):
+    """Like torchvision's Conv2dNormActivation: a Sequential subclass that keeps Sequential's forward."""
+
+    def __init__(self, c, act):
+        super().__init__(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), act)
+
+
+def test_fuse_sequential_activations_keeps_the_keys_and_the_numbers():
+    torch.manual_seed(4)
+    ref = nn.Sequential(ConvNormAct(3, nn.SiLU()), ConvNormAct(3, nn.Hardswish()), nn.BatchNorm2d(3))
+    _randomise_bn(ref)
+    ours = batchnorm.fuse_sequential_activations(copy.deepcopy(ref))
+    assert isinstance(ours[0][1], batchnorm.BatchNormAct2d) and ours[0][1].activation == "silu"
+    assert ours[1][1].activation == "hardswish" and isinstance(ours[1][2], nn.Identity)
+    assert type(ours[2]) is nn.BatchNorm2d, "a BN with no activation after it stays as it is"
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    x = torch.randn(4, 3, 6, 6)
+    y_ref, g_ref = _step(ref, x)
+    y, g = _step(ours, x)
+    assert_close(y, y_ref, rtol=1e-4, atol=1e-5, what="output")
+    for name in g_ref:
+        assert_close(g[name], g_ref[name], rtol=1e-3, atol=1e-4, what=name)
+    with pytest.raises(TypeError, match="expected a torch"):
+        batchnorm.fuse_sequential_activations(None)
