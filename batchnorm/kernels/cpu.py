@@ -135,7 +135,7 @@ from ._numba_setup import configure
 
 configure()  # the cache folder must be known before numba is imported
 
-from . import _omp  # noqa: E402
+from . import _omp, _warmup  # noqa: E402
 from ._cpu_common import _CODES, _KIND  # noqa: E402
 from ._cpu_mc import _apply_mc, _constants_mc, _dx_mc, _grad_coefs_mc, _grad_sums_mc, _stats_mc, _sums_mc  # noqa: E402
 from ._cpu_ncl import _backward_ncl, _forward_ncl  # noqa: E402
@@ -272,14 +272,27 @@ def _streams(out: torch.Tensor, act: str, inner: int) -> bool:
 
 
 def supports(x: torch.Tensor, channel_axis: int, act: str) -> bool:
-    """float32/float64 CPU tensors, contiguous or channels-last, plain torch.Tensor (not a subclass)."""
-    return (type(x) in (torch.Tensor, torch.nn.Parameter)
+    """float32/float64 CPU tensors, contiguous or channels-last, plain torch.Tensor (not a subclass) —
+    once their layout's kernels are compiled: until then (first use in a fresh cache) False, while a
+    background process compiles them (:mod:`batchnorm.kernels._warmup`), unless numba is forced."""
+    if not (type(x) in (torch.Tensor, torch.nn.Parameter)
             and x.device.type == "cpu"
             and x.dtype in (torch.float32, torch.float64)
             and x.layout == torch.strided
             and x.numel() > 0
-            and act in _CODES
-            and _plan(x, channel_axis % x.ndim) is not None)
+            and act in _CODES):
+        return False
+    plan = _plan(x, channel_axis % x.ndim)
+    if plan is None:
+        return False
+    return _warmup.ready(plan[0], "f64" if x.dtype == torch.float64 else "f32") or _forced()
+
+
+def _forced() -> bool:
+    """Whether the numba backend is forced (it then compiles in-process rather than refuse the input)."""
+    from . import get_backend
+
+    return get_backend() == name
 
 
 def _launch(op: str, arrays: dict[str, torch.Tensor | int], sizes: tuple[int, ...],
