@@ -63,8 +63,19 @@ Numerics, where they happen:
   ``|mean| ≫ std``; running statistics are cast to their buffer dtype by the caller.
 
 Activations: identity, relu and leaky_relu are one code path (``z`` if ``z > 0`` else
-``neg·z`` with neg = 1, 0, slope), ELU a run-time flag; activation, slope and α are run-time
-values, so each kernel compiles once per dtype (float32, float64) and no more.
+``neg·z`` with neg = 1, 0, slope), ELU a run-time code, and the smooth activations (SiLU,
+Hardswish, GELU erf and tanh, Sigmoid, Tanh) further run-time codes evaluated in float64 from
+``z`` by ``_cpu_common._smooth`` / ``_smooth_grad`` (their backward recomputes ``act'(z)`` from x,
+never reads y, and keeps plain stores); activation, slope and α are run-time values, so each kernel
+compiles once per dtype (float32, float64) and no more.
+
+Residual: :func:`train_forward_residual` / :func:`eval_forward_residual` compute
+``act(BN(x) + res)`` (identity, relu, leaky_relu) in the forward's own sweeps: the normalise sweep
+reads the residual beside x (plain stores). Their backward is :mod:`batchnorm.core.residual`'s
+(the activation's backward gives d(residual), then the BN backward of it).
+
+First use: in a fresh cache :func:`supports` answers False while a background process compiles the
+layout's kernels (:mod:`batchnorm.kernels._warmup`); the torch backend serves meanwhile.
 
 Threads: the kernels are plain sequential numba functions over a range of channels or rows. A call
 runs as **one OpenMP parallel region on torch's own thread team** (:mod:`batchnorm.kernels._omp`):
