@@ -42,6 +42,13 @@ from .core.modules import (
     BatchNormAct2d,
     BatchNormAct3d,
 )
+from .core.residual import (
+    BatchNormAddAct1d,
+    BatchNormAddAct2d,
+    BatchNormAddAct3d,
+    batch_norm_add_act_eval,
+    batch_norm_add_act_train,
+)
 from .family.accumulate import StatsAccumulator, accumulate_stats
 from .family.ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d, ghost_batch_norm_train
 from .family.inplace import InPlaceABN1d, InPlaceABN2d, InPlaceABN3d, inplace_abn_eval, inplace_abn_train
@@ -72,6 +79,12 @@ from .lifecycle.diagnostics import BNDiagnostics, Watch, diagnose
 from .lifecycle.fold import find_foldable, fold_bn, fold_conv_bn
 from .lifecycle.freeze import FrozenBatchNorm, freeze, unfreeze
 from .lifecycle.recalibrate import RecalibrationReport, recalibrate
+from .lifecycle.residual import (
+    fuse_residual_blocks,
+    fuse_sequential_activations,
+    register_residual_block,
+    residual_block_spec,
+)
 from .lifecycle.sync_stats import sync_running_stats
 
 __version__ = "0.1.0"
@@ -127,6 +140,9 @@ __all__ = [
     "BatchNormAct1d",
     "BatchNormAct2d",
     "BatchNormAct3d",
+    "BatchNormAddAct1d",
+    "BatchNormAddAct2d",
+    "BatchNormAddAct3d",
     "BatchRenorm1d",
     "BatchRenorm2d",
     "BatchRenorm3d",
@@ -154,6 +170,8 @@ __all__ = [
     "adapt_step",
     "backend_for",
     "batch_norm",
+    "batch_norm_add_act_eval",
+    "batch_norm_add_act_train",
     "batch_norm_eval",
     "batch_norm_train",
     "batch_renorm_train",
@@ -168,6 +186,8 @@ __all__ = [
     "fold_conv_bn",
     "freeze",
     "functional",
+    "fuse_residual_blocks",
+    "fuse_sequential_activations",
     "get_backend",
     "ghost_batch_norm_train",
     "inplace_abn_eval",
@@ -179,6 +199,8 @@ __all__ = [
     "read_checkpoint",
     "recalibrate",
     "reference",
+    "register_residual_block",
+    "residual_block_spec",
     "save_checkpoint",
     "set_backend",
     "stats",

@@ -12,7 +12,10 @@ import torch
 _RANK_HINT = {2: "(N, C)", 3: "(N, C, L)", 4: "(N, C, H, W)", 5: "(N, C, D, H, W)"}
 _MODULE_FOR_RANK = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}
 
-ACTIVATIONS = ("identity", "relu", "leaky_relu", "elu")
+ACTIVATIONS = ("identity", "relu", "leaky_relu", "elu", "silu", "hardswish", "gelu", "gelu_tanh", "sigmoid",
+               "tanh")
+"""The fused activations: ``negative_slope`` is leaky_relu's slope and elu's α; the others take none
+(``gelu`` is the exact erf form, ``gelu_tanh`` torch's ``approximate="tanh"``; ``silu`` is Swish-1)."""
 
 
 def check_tensor(op: str, x: object, name: str = "input") -> torch.Tensor:

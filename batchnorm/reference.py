@@ -22,14 +22,18 @@ The backward is the closed form derived step by step in reference article 003: w
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 __all__ = [
     "activation",
     "activation_grad",
     "backward",
+    "backward_residual",
     "forward_eval",
     "forward_train",
+    "forward_train_residual",
     "moments",
     "update_running_stats",
 ]
@@ -56,8 +60,28 @@ def moments(x: np.ndarray, channel_axis: int = 1) -> tuple[np.ndarray, np.ndarra
     return mean, var
 
 
+_erf = np.vectorize(math.erf, otypes=[np.float64])  # (NumPy has no erf; math.erf is exact to rounding)
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    """1 / (1 + e^−z) without overflow warnings for large |z| (e^−|z| ≤ 1)."""
+    e = np.exp(-np.abs(z))
+    return np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+def _gelu_tanh_inner(z: np.ndarray) -> np.ndarray:
+    return np.sqrt(2.0 / np.pi) * (z + 0.044715 * z ** 3)
+
+
 def activation(z: np.ndarray, name: str = "identity", slope: float = 0.01) -> np.ndarray:
-    """The activations the fused ops support: identity, relu, leaky_relu(slope), elu(alpha=slope)."""
+    """The activations the fused ops support, as torch defines them.
+
+    identity; relu max(z, 0); leaky_relu (slope); elu (α = slope) α(e^z − 1) for z ≤ 0; silu z·σ(z)
+    (Swish-1, Ramachandran et al. 2017); hardswish z·clamp(z + 3, 0, 6)/6 (Howard et al. 2019,
+    MobileNetV3); gelu z·Φ(z) with Φ(z) = ½(1 + erf(z/√2)) (Hendrycks & Gimpel 2016); gelu_tanh
+    ½z(1 + tanh(√(2/π)(z + 0.044715 z³))); sigmoid σ(z) = 1/(1 + e^−z); tanh.
+    """
+    z = np.asarray(z, dtype=np.float64)
     if name == "identity":
         return z
     if name == "relu":
@@ -66,11 +90,30 @@ def activation(z: np.ndarray, name: str = "identity", slope: float = 0.01) -> np
         return np.where(z > 0, z, slope * z)
     if name == "elu":
         return np.where(z > 0, z, slope * np.expm1(np.minimum(z, 0.0)))
+    if name == "silu":
+        return z * _sigmoid(z)
+    if name == "hardswish":
+        return z * np.clip(z + 3.0, 0.0, 6.0) / 6.0
+    if name == "gelu":
+        return 0.5 * z * (1.0 + _erf(z / np.sqrt(2.0)))
+    if name == "gelu_tanh":
+        return 0.5 * z * (1.0 + np.tanh(_gelu_tanh_inner(z)))
+    if name == "sigmoid":
+        return _sigmoid(z)
+    if name == "tanh":
+        return np.tanh(z)
     raise ValueError(f"reference.activation: unknown activation {name!r}")
 
 
 def activation_grad(z: np.ndarray, name: str = "identity", slope: float = 0.01) -> np.ndarray:
-    """d activation / dz at ``z`` (0 at z = 0 for relu; ``slope`` at z = 0 for leaky_relu, as torch)."""
+    """d activation / dz at ``z``, with torch's values at the kinks: 0 at z = 0 for relu, ``slope`` at
+    z = 0 for leaky_relu; hardswish 0 for z ≤ −3, z/3 + ½ on (−3, 3), 1 from 3 on.
+
+    silu σ(1 + z(1 − σ)); gelu Φ(z) + z·φ(z) with φ the standard normal density; gelu_tanh
+    ½(1 + t) + ½z(1 − t²)·√(2/π)(1 + 3·0.044715 z²) with t = tanh(√(2/π)(z + 0.044715 z³));
+    sigmoid σ(1 − σ); tanh 1 − tanh².
+    """
+    z = np.asarray(z, dtype=np.float64)
     if name == "identity":
         return np.ones_like(z)
     if name == "relu":
@@ -79,6 +122,21 @@ def activation_grad(z: np.ndarray, name: str = "identity", slope: float = 0.01) 
         return np.where(z > 0, 1.0, slope)
     if name == "elu":
         return np.where(z > 0, 1.0, slope * np.exp(np.minimum(z, 0.0)))
+    if name == "silu":
+        s = _sigmoid(z)
+        return s * (1.0 + z * (1.0 - s))
+    if name == "hardswish":
+        return np.where(z <= -3.0, 0.0, np.where(z < 3.0, z / 3.0 + 0.5, 1.0))
+    if name == "gelu":
+        return 0.5 * (1.0 + _erf(z / np.sqrt(2.0))) + z * np.exp(-0.5 * z * z) / np.sqrt(2.0 * np.pi)
+    if name == "gelu_tanh":
+        t = np.tanh(_gelu_tanh_inner(z))
+        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * np.sqrt(2.0 / np.pi) * (1.0 + 3 * 0.044715 * z * z)
+    if name == "sigmoid":
+        s = _sigmoid(z)
+        return s * (1.0 - s)
+    if name == "tanh":
+        return 1.0 - np.tanh(z) ** 2
     raise ValueError(f"reference.activation_grad: unknown activation {name!r}")
 
 
@@ -153,6 +211,47 @@ def backward(
     h = (dz * xhat).sum(axis=axes)  # ∂γ
     dx = (w * invstd / n).reshape(shp) * (n * dz - g.reshape(shp) - xhat * h.reshape(shp))
     return dx, h, g
+
+
+def forward_train_residual(
+    x: np.ndarray,
+    res: np.ndarray,
+    weight: np.ndarray | None = None,
+    bias: np.ndarray | None = None,
+    eps: float = 1e-5,
+    channel_axis: int = 1,
+    act: str = "identity",
+    slope: float = 0.01,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """BN, residual add, activation: ``y = act(γ x̂ + β + res)`` (a ResNet block's tail). Returns
+    ``(y, batch_mean, batch_biased_var)``; the statistics are x's alone."""
+    x = np.asarray(x, dtype=np.float64)
+    mean, var = moments(x, channel_axis)
+    z = forward_eval(x, mean, var, weight, bias, eps, channel_axis) + np.asarray(res, np.float64)
+    return activation(z, act, slope), mean, var
+
+
+def backward_residual(
+    dy: np.ndarray,
+    x: np.ndarray,
+    res: np.ndarray,
+    weight: np.ndarray | None = None,
+    bias: np.ndarray | None = None,
+    eps: float = 1e-5,
+    channel_axis: int = 1,
+    act: str = "identity",
+    slope: float = 0.01,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Backward of :func:`forward_train_residual`: ``(dx, dres, dweight, dbias)``.
+
+    ``dz = dy · act'(z)`` is the residual's gradient (the add passes it on unchanged); dx, dγ, dβ are
+    :func:`backward` of ``dz`` with the identity activation."""
+    x = np.asarray(x, dtype=np.float64)
+    mean, var = moments(x, channel_axis)
+    z = forward_eval(x, mean, var, weight, bias, eps, channel_axis) + np.asarray(res, np.float64)
+    dz = np.asarray(dy, np.float64) * activation_grad(z, act, slope)
+    dx, dw, db = backward(dz, x, weight, bias, eps, channel_axis)
+    return dx, dz, dw, db
 
 
 def update_running_stats(

@@ -6,6 +6,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
+# The kernels compile in the test process at first use, not in the background (batchnorm.kernels._warmup):
+# tests check the numba kernels from their first call; tests/kernels/test_kernels_warmup.py turns it on.
+os.environ.setdefault("BATCHNORM_WARMUP", "0")
+
 # CI runs at least 200 Hypothesis examples per property; locally the same unless overridden.
 settings.register_profile("ci", max_examples=200, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])

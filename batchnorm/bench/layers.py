@@ -117,7 +117,8 @@ def _make_input(shape: Sequence[int], layout: str) -> torch.Tensor:
     return x
 
 
-def _case(shape: Sequence[int], layout: str, reps: int, warmup: int) -> list[dict[str, Any]]:
+def _case(shape: Sequence[int], layout: str, reps: int, warmup: int,
+          with_compile: bool = False) -> list[dict[str, Any]]:
     from ..core import functional as F
     from ..kernels import backend_for
 
@@ -184,6 +185,11 @@ def _case(shape: Sequence[int], layout: str, reps: int, warmup: int) -> list[dic
         "eval": (ours_eval, torch_eval),
     }
     kind = "nc" if len(shape) == 2 else "conv"
+    compiled, compile_info = (None, {})
+    if with_compile:  # the torch.compile (inductor) column: batchnorm.bench.compiled
+        from .compiled import contenders
+
+        compiled, compile_info = contenders(x, x0, w, b, rm, rv, dy)
     rows = []
     for p in PASSES:
         ours_fn, torch_fn = fns[p]
@@ -191,7 +197,8 @@ def _case(shape: Sequence[int], layout: str, reps: int, warmup: int) -> list[dic
         # meets the same (cold) cache; a back-to-back copy would flatter the bound on shapes
         # that fit in the last-level cache.
         copy_fn = lambda: dst.copy_(x0)  # noqa: E731
-        t_ours, t_torch, t_copy = _medians_ms([ours_fn, torch_fn, copy_fn], reps, warmup)
+        contenders = [ours_fn, torch_fn, copy_fn] + ([compiled[p]] if compiled else [])
+        t_ours, t_torch, t_copy, *t_comp = _medians_ms(contenders, reps, warmup)
         bound = _BOUND_TENSORS[p] / 2.0 * t_copy
         rows.append({
             "shape": list(shape), "layout": layout, "pass": p, "backend": backend_for(x0),
@@ -202,11 +209,14 @@ def _case(shape: Sequence[int], layout: str, reps: int, warmup: int) -> list[dic
             "err_y_torch": err["torch"][0], "err_dx_torch": err["torch"][1],
             "goal_speedup": _GOAL_SPEEDUP.get(p, {}).get(kind, 1.0),
             "goal_bound": _GOAL_BOUND.get(p) if kind == "conv" else None,
+            "compiled_ms": t_comp[0] if t_comp else None,
+            "vs_compiled": t_comp[0] / t_ours if t_comp else None, **compile_info,
         })
     return rows
 
 
-def run(cases: Sequence[tuple[tuple[int, ...], str]], reps: int = 9, warmup: int = 3) -> dict[str, Any]:
+def run(cases: Sequence[tuple[tuple[int, ...], str]], reps: int = 9, warmup: int = 3,
+        with_compile: bool = False) -> dict[str, Any]:
     """Measure every case; returns ``{"meta": {...}, "rows": [...]}`` (the table's figures)."""
     import numpy as np
 
@@ -232,7 +242,7 @@ def run(cases: Sequence[tuple[tuple[int, ...], str]], reps: int = 9, warmup: int
         meta["numba"] = None
     rows: list[dict[str, Any]] = []
     for shape, layout in cases:
-        rows += _case(shape, layout, reps, warmup)
+        rows += _case(shape, layout, reps, warmup, with_compile)
     meta["pool"] = _pool.stats()
     return {"meta": meta, "rows": rows}
 
@@ -256,6 +266,10 @@ def _print_table(result: dict[str, Any], quick: bool) -> None:
                       ("torch ms", "right"), ("speed-up", "right"), ("bound ms", "right"),
                       ("% bound", "right"), ("goals", "left")):
         t.add_column(col, justify=just, no_wrap=True)
+    with_compile = any(r.get("compiled_ms") is not None for r in result["rows"])
+    if with_compile:
+        t.add_column("compile ms", justify="right", no_wrap=True)
+        t.add_column("vs compile", justify="right", no_wrap=True)
     last = None
     for r in result["rows"]:
         key = (tuple(r["shape"]), r["layout"])
@@ -266,9 +280,10 @@ def _print_table(result: dict[str, Any], quick: bool) -> None:
         if r["goal_bound"] is not None:
             goals.append(f"{r['goal_bound']:.0%} {_ok(r['bound_frac'] >= r['goal_bound'])}")
         layout = r["layout"] + ("" if r["backend"] == "numba" else f" ({r['backend']})")
+        extra = [f"{r['compiled_ms']:.2f}", f"{r['vs_compiled']:.2f}×"] if with_compile else []
         t.add_row("×".join(map(str, r["shape"])), layout, r["pass"],
                   f"{r['ours_ms']:.2f}", f"{r['torch_ms']:.2f}", f"{r['speedup']:.2f}×",
-                  f"{r['bound_ms']:.2f}", f"{r['bound_frac']:.0%}", "  ".join(goals))
+                  f"{r['bound_ms']:.2f}", f"{r['bound_frac']:.0%}", "  ".join(goals), *extra)
     console.print(t)
     console.print("goals: speed-up over native (≥1× everywhere; fwd+bwd ≥4× conv, ≥1.5× (N, C); eval ≥3× "
                   "conv) and, for conv shapes, train fwd and bwd ≥ 50 % of the bandwidth bound")
@@ -288,6 +303,14 @@ def _print_table(result: dict[str, Any], quick: bool) -> None:
                   f"torch y {worst['err_y_torch']:.1e}, dx {worst['err_dx_torch']:.1e} (a dx error near 1 is "
                   "an element whose pre-activation rounded to the other side of ReLU's kink: it gets the "
                   "whole gradient or none)")
+    if with_compile:
+        secs = [r.get("compile_train_s", 0) + r.get("compile_eval_s", 0) for r in rows if r["pass"] == "eval"]
+        console.print(f"compile ms: relu(F.batch_norm) under torch.compile(backend='inductor'), same "
+                      f"tensors and interleaving; vs compile = its time / ours; compiling took "
+                      f"{sum(secs):.0f} s")
+    errors = {r["error"] for r in rows if r.get("error")}
+    if errors:
+        console.print(f"torch.compile column left out: {'; '.join(sorted(errors))}")
     if quick:
         console.print("[yellow]--quick: tiny shapes and few runs; the times say nothing about speed[/]")
 
@@ -456,6 +479,10 @@ def _parse_case(text: str) -> tuple[tuple[int, ...], str]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``batchnorm bench``; returns the process exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--model" in argv:  # whole networks: batchnorm.bench.models
+        from .models import main as models_main
+
+        return models_main(argv)
     if "--inplace" in argv:
         from .inplace import main as inplace_main
 
@@ -473,6 +500,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--stream", action="store_true",
                    help="measure plain vs streaming output stores by size instead "
                         "(sets BATCHNORM_STREAM_MIN_BYTES)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="the torch.compile (inductor) column (default: on, off with --quick)")
     p.add_argument("--case", type=_parse_case, action="append", default=None, metavar="SHAPE[:LAYOUT]",
                    help="measure only this shape (repeatable), e.g. 4096x1024 or 128x64x56x56:nhwc; layout "
                         "nc (2-D), nchw (contiguous, default for 3- to 5-D), nhwc (4-D) or ndhwc (5-D)")
@@ -490,7 +519,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.stream:
         return _stream(reps, args.quick)
     cases = args.case or (QUICK_CASES if args.quick else FULL_CASES)
-    result = run(cases, reps=reps, warmup=warmup)
+    with_compile = (not args.quick) if args.compile is None else args.compile
+    result = run(cases, reps=reps, warmup=warmup, with_compile=with_compile)
     _print_table(result, args.quick)
     if args.json:
         with open(args.json, "w") as f:

@@ -63,7 +63,37 @@ def activation_module(act: str, slope: float) -> nn.Module:
         return nn.LeakyReLU(slope)
     if act == "elu":
         return nn.ELU(alpha=slope)
-    raise ValueError(f"batchnorm: unknown activation {act!r}; expected identity, relu, leaky_relu or elu")
+    if act == "gelu_tanh":
+        return nn.GELU(approximate="tanh")
+    if act in _SIMPLE_ACTS:
+        return _SIMPLE_ACTS[act]()
+    raise ValueError(f"batchnorm: unknown activation {act!r}; expected one of identity, relu, leaky_relu, "
+                     f"elu, {', '.join(_SIMPLE_ACTS)}, gelu_tanh")
+
+
+_SIMPLE_ACTS = {"silu": nn.SiLU, "hardswish": nn.Hardswish, "gelu": nn.GELU, "sigmoid": nn.Sigmoid,
+                "tanh": nn.Tanh}  # activations without a parameter: name -> torch module
+
+
+def activation_of_module(m: nn.Module) -> tuple[str, float] | None:
+    """The fused activation (name, slope) that a ``torch.nn`` activation module computes, or None.
+
+    Exact types only (a subclass may compute something else): ReLU, LeakyReLU, ELU, SiLU, Hardswish,
+    GELU (``approximate`` "none" or "tanh"), Sigmoid, Tanh — the inverse of :func:`activation_module`.
+    """
+    t = type(m)
+    if t is nn.ReLU:
+        return "relu", 0.01
+    if t is nn.LeakyReLU:
+        return "leaky_relu", float(m.negative_slope)
+    if t is nn.ELU:
+        return "elu", float(m.alpha)
+    if t is nn.GELU:
+        return {"none": ("gelu", 0.01), "tanh": ("gelu_tanh", 0.01)}.get(m.approximate)
+    for name, cls in _SIMPLE_ACTS.items():
+        if t is cls:
+            return name, 0.01
+    return None
 
 
 def share_state(new: nn.Module, old: nn.Module) -> nn.Module:

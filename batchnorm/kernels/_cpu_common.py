@@ -8,13 +8,25 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from ._numba_setup import configure
 
 configure()  # the cache folder must be known before numba is imported
 
 import numba as nb  # noqa: E402
 
-_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "elu": 3}
+_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "elu": 3, "silu": 4, "hardswish": 5, "gelu": 6,
+          "gelu_tanh": 7, "sigmoid": 8, "tanh": 9}
+# The kernels' run-time activation code ``ac``: 0 the piecewise-linear family (identity, relu,
+# leaky_relu: one vectorised code path with the slope in sv), 1 ELU (its derivative read from y), and
+# >= 2 the smooth activations, evaluated by _smooth / _smooth_grad (float64, from z). One compiled
+# kernel serves them all: a new activation is a new branch, not a new specialisation.
+_KIND = {"identity": 0, "relu": 0, "leaky_relu": 0, "elu": 1, "silu": 2, "hardswish": 3, "gelu": 4,
+         "gelu_tanh": 5, "sigmoid": 6, "tanh": 7}
+_SQRT1_2 = 0.7071067811865476  # 1/√2
+_INV_SQRT_2PI = 0.3989422804014327  # 1/√(2π)
+_K_TANH = 0.7978845608028654  # √(2/π), GELU's tanh approximation (Hendrycks & Gimpel 2016)
 _FM = {"reassoc", "contract"}  # lets the sums vectorise; no nnan/ninf, so NaN/Inf behave like torch
 # elementwise loops: no re-association (the split mean must survive), fused multiply-add allowed
 _STRICT = {"cache": True, "nogil": True, "error_model": "numpy", "fastmath": {"contract"}}
@@ -117,6 +129,68 @@ def _dx1(xv, dyv, hi, lo, sc, bb, q, r, zero, one, neg):
     z = d * sc + bb
     dz = dyv * (one if z > zero else neg)
     return sc * dz + q * d + r
+
+
+@nb.njit(**_STRICT)
+def _smooth(z, ac):
+    """The smooth activations (``ac`` >= 2) of a float64 z, as torch defines them:
+    silu z·σ(z); hardswish z·clamp(z + 3, 0, 6)/6; gelu z·Φ(z) (erf); gelu_tanh
+    ½z(1 + tanh(√(2/π)(z + 0.044715 z³))); sigmoid σ(z) = 1/(1 + e^−z); tanh."""
+    if ac == 2:
+        return z / (1.0 + math.exp(-z))
+    if ac == 3:
+        return z * min(max(z + 3.0, 0.0), 6.0) / 6.0
+    if ac == 4:
+        return 0.5 * z * (1.0 + math.erf(z * _SQRT1_2))
+    if ac == 5:
+        return 0.5 * z * (1.0 + math.tanh(_K_TANH * (z + 0.044715 * z * z * z)))
+    if ac == 6:
+        return 1.0 / (1.0 + math.exp(-z))
+    return math.tanh(z)
+
+
+@nb.njit(**_STRICT)
+def _smooth_grad(z, ac):
+    """d act/dz of :func:`_smooth` at a float64 z (hardswish as torch's backward: 0 for z ≤ −3,
+    z/3 + ½ for −3 < z < 3, 1 from 3 on)."""
+    if ac == 2:
+        s = 1.0 / (1.0 + math.exp(-z))
+        return s * (1.0 + z * (1.0 - s))
+    if ac == 3:
+        if z <= -3.0:
+            return 0.0
+        return z / 3.0 + 0.5 if z < 3.0 else 1.0
+    if ac == 4:
+        return 0.5 * (1.0 + math.erf(z * _SQRT1_2)) + z * _INV_SQRT_2PI * math.exp(-0.5 * z * z)
+    if ac == 5:
+        t = math.tanh(_K_TANH * (z + 0.044715 * z * z * z))
+        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * _K_TANH * (1.0 + 3.0 * 0.044715 * z * z)
+    if ac == 6:
+        s = 1.0 / (1.0 + math.exp(-z))
+        return s * (1.0 - s)
+    t = math.tanh(z)
+    return 1.0 - t * t
+
+
+@nb.njit(**_SUMS)
+def _run_grad_sums_smooth(xr, dyr, hi, lo, sc, b, ac):
+    """:func:`_run_grad_sums` for a smooth activation: g, h' in float64 (dz from z, never from y)."""
+    ag = 0.0
+    ah = 0.0
+    for j in range(xr.shape[0]):
+        d = xr[j] - hi
+        z = (d - lo) * sc + b
+        dz = dyr[j] * _smooth_grad(np.float64(z), ac)
+        ag += dz
+        ah += dz * d
+    return ag, ah
+
+
+@nb.njit(**_STRICT)
+def _out_res(xv, rv, hi, lo, sc, bb, zero, neg):
+    """act(((x − hi) − lo)·sc + β + r) for identity, relu, leaky_relu: BN, residual add, activation."""
+    z = (((xv - hi) - lo) * sc + bb) + rv
+    return z if z > zero else z * neg + zero
 
 
 # The loops that write y or dx come in two copies, plain and streaming (_stream.store, for rows that

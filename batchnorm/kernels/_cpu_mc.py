@@ -27,7 +27,10 @@ from ._cpu_common import (  # noqa: E402
     _dx1,
     _finish_stats,
     _out,
+    _out_res,
     _set_constants,
+    _smooth,
+    _smooth_grad,
 )
 
 
@@ -131,17 +134,25 @@ def _constants_mc(mean, var, w, b, eps, cst, inv):
 
 
 @nb.njit(**_STRICT)
-def _apply_mc(x, y, elu, nt, cst, sv, r0, r1):
-    """y = act(((x − hi) − lo)·sc + β) for rows [r0, r1); ``nt``: stream y (non-ELU; rows on 64-byte
+def _apply_mc(x, res, y, ac, hasres, nt, cst, sv, r0, r1):
+    """y = act(((x − hi) − lo)·sc + β [+ res]) for rows [r0, r1); ``ac``: activation code (_KIND);
+    ``hasres``: add the residual (code 0 only); ``nt``: stream y (code 0, no residual; rows on 64-byte
     lines)."""
     C = x.shape[1]
     zero, neg, alpha = sv[0], sv[2], sv[3]
     hi, lo, sc, bb = cst[0], cst[1], cst[2], cst[3]
     for i in range(r0, r1):
-        if elu:
+        if ac == 1:
             for c in range(C):
                 z = ((x[i, c] - hi[c]) - lo[c]) * sc[c] + bb[c]
                 y[i, c] = z if z > zero else alpha * math.expm1(z)
+        elif ac > 1:
+            for c in range(C):
+                z = ((x[i, c] - hi[c]) - lo[c]) * sc[c] + bb[c]
+                y[i, c] = _smooth(np.float64(z), ac)
+        elif hasres:
+            for c in range(C):
+                y[i, c] = _out_res(x[i, c], res[i, c], hi[c], lo[c], sc[c], bb[c], zero, neg)
         elif nt:
             yr = y[i]
             for c in range(C):
@@ -164,11 +175,12 @@ def _dz(xv, dyv, yv, h, lo, sc, bb, zero, one, neg, alpha, elu):
 
 
 @nb.njit(**_STRICT)
-def _grad_sums_mc(x, dy, y, elu, cst, sv, pg, ph, r0, r1):
+def _grad_sums_mc(x, dy, y, ac, cst, sv, pg, ph, r0, r1):
     """pg, ph (float64 vectors, overwritten) ← g = Σ dz and h' = Σ dz·(x − hi) of rows [r0, r1).
 
     Same lane layout as :func:`_sums_mc`: groups of R rows as W = R·C lanes, four groups per update;
-    ELU (whose derivative reads y) goes row by row, which keeps the compiled code small.
+    ELU (whose derivative reads y) and the smooth activations (``ac`` >= 2: act'(z) by _smooth_grad)
+    go row by row, which keeps the compiled code small.
     """
     M, C = x.shape
     R, W = _lanes(C)
@@ -177,7 +189,8 @@ def _grad_sums_mc(x, dy, y, elu, cst, sv, pg, ph, r0, r1):
         pg[c] = 0.0
         ph[c] = 0.0
     hw, lw, sw, bw = _tile(cst[0], W), _tile(cst[1], W), _tile(cst[2], W), _tile(cst[3], W)
-    groups = 0 if elu else (r1 - r0) // R // 4 * 4  # whole groups, in fours (ELU: row by row, less code)
+    elu = ac == 1
+    groups = 0 if ac != 0 else (r1 - r0) // R // 4 * 4  # whole groups, in fours (others: row by row)
     lo_, hi_ = r0 * C, (r0 + groups * R) * C
     vx = x.reshape(M * C)[lo_:hi_].reshape((groups, W))  # group g = row g
     vd = dy.reshape(M * C)[lo_:hi_].reshape((groups, W))
@@ -197,11 +210,19 @@ def _grad_sums_mc(x, dy, y, elu, cst, sv, pg, ph, r0, r1):
         _fold(ah, ph, C, zero)
     for i0 in range(r0 + groups * R, r1, _ROWS):  # the rows after the last four whole groups
         for i in range(i0, min(i0 + _ROWS, r1)):
-            for c in range(C):
-                dz, d = _dz(x[i, c], dy[i, c], y[i, c], hw[c], lw[c], sw[c], bw[c], zero, one, neg, alpha,
-                            elu)
-                ag[c] += dz
-                ah[c] += dz * d
+            if ac > 1:
+                for c in range(C):
+                    d = x[i, c] - hw[c]
+                    z = (d - lw[c]) * sw[c] + bw[c]
+                    dzs = dy[i, c] * _smooth_grad(np.float64(z), ac)
+                    ag[c] += dzs
+                    ah[c] += dzs * d
+            else:
+                for c in range(C):
+                    dz, d = _dz(x[i, c], dy[i, c], y[i, c], hw[c], lw[c], sw[c], bw[c], zero, one, neg, alpha,
+                                elu)
+                    ag[c] += dz
+                    ah[c] += dz * d
         _fold(ag[:C], pg, C, zero)
         _fold(ah[:C], ph, C, zero)
 
@@ -224,18 +245,24 @@ def _grad_coefs_mc(pg, ph, w, inv, M, train, cst, dw, db):
 
 
 @nb.njit(**_STRICT)
-def _dx_mc(x, dy, y, dx, elu, nt, cst, sv, r0, r1):
-    """dx = sc·dz + q·(x − μ) + r for rows [r0, r1); ``nt``: stream dx (non-ELU; rows on 64-byte lines)."""
+def _dx_mc(x, dy, y, dx, ac, nt, cst, sv, r0, r1):
+    """dx = sc·dz + q·(x − μ) + r for rows [r0, r1); ``nt``: stream dx (code 0; rows on 64-byte lines)."""
     C = x.shape[1]
     zero, one, neg, alpha = sv[0], sv[1], sv[2], sv[3]
     hi, lo, sc, bb, q, r = cst[0], cst[1], cst[2], cst[3], cst[4], cst[5]
     for i in range(r0, r1):
-        if elu:
+        if ac == 1:
             for c in range(C):
                 d = (x[i, c] - hi[c]) - lo[c]
                 z = d * sc[c] + bb[c]
                 dz = dy[i, c] * (one if z > zero else y[i, c] + alpha)
                 dx[i, c] = sc[c] * dz + q[c] * d + r[c]
+        elif ac > 1:
+            for c in range(C):
+                d = (x[i, c] - hi[c]) - lo[c]
+                z = d * sc[c] + bb[c]
+                dzs = dy[i, c] * _smooth_grad(np.float64(z), ac)
+                dx[i, c] = sc[c] * dzs + q[c] * d + r[c]
         elif nt:
             dxr = dx[i]
             for c in range(C):

@@ -33,10 +33,14 @@ from ._cpu_common import (  # noqa: E402
     _dx1,
     _finish_stats,
     _out,
+    _out_res,
     _run_grad_sums,
+    _run_grad_sums_smooth,
     _run_m2,
     _run_sums,
     _set_constants,
+    _smooth,
+    _smooth_grad,
 )
 
 
@@ -54,9 +58,11 @@ def _ncl_block(N, L, itemsize, tensors, c0, c1):
 
 
 @nb.njit(**_STRICT)
-def _forward_ncl(x, y, mean, var, w, b, eps, train, elu, nt, cst, sv, c0, c1):
-    """Train (``train``: statistics into mean/var first) or eval forward of channels [c0, c1); ``nt``:
-    stream y (non-ELU; every run y[i, c] must start on a 64-byte line)."""
+def _forward_ncl(x, res, y, mean, var, w, b, eps, train, ac, hasres, nt, cst, sv, c0, c1):
+    """Train (``train``: statistics into mean/var first) or eval forward of channels [c0, c1); ``ac``:
+    the activation code (see _cpu_common._KIND); ``hasres``: add the residual ``res`` before the
+    activation (piecewise-linear codes only); ``nt``: stream y (code 0 without residual; every run
+    y[i, c] must start on a 64-byte line)."""
     N, _, L = x.shape
     zero, neg, alpha = sv[0], sv[2], sv[3]
     B = _ncl_block(N, L, x.itemsize, 1, c0, c1)
@@ -91,10 +97,17 @@ def _forward_ncl(x, y, mean, var, w, b, eps, train, elu, nt, cst, sv, c0, c1):
         for i in range(N):
             for c in range(cb, ce):
                 hi, lo, sc, bc = cst[0, c], cst[1, c], cst[2, c], cst[3, c]
-                if elu:
+                if ac == 1:
                     for j in range(L):
                         z = ((x[i, c, j] - hi) - lo) * sc + bc
                         y[i, c, j] = z if z > zero else alpha * math.expm1(z)
+                elif ac > 1:
+                    for j in range(L):
+                        z = ((x[i, c, j] - hi) - lo) * sc + bc
+                        y[i, c, j] = _smooth(np.float64(z), ac)
+                elif hasres:
+                    for j in range(L):
+                        y[i, c, j] = _out_res(x[i, c, j], res[i, c, j], hi, lo, sc, bc, zero, neg)
                 elif nt:
                     yr = y[i, c]
                     for j in range(L):
@@ -107,17 +120,19 @@ def _forward_ncl(x, y, mean, var, w, b, eps, train, elu, nt, cst, sv, c0, c1):
 
 
 @nb.njit(**_STRICT)
-def _backward_ncl(x, dy, y, dx, mean, var, w, b, eps, train, sums, elu, nt, cst, sv, dw, db, c0, c1):
+def _backward_ncl(x, dy, y, dx, mean, var, w, b, eps, train, sums, ac, nt, cst, sv, dw, db, c0, c1):
     """Backward of channels [c0, c1): pass 1 g, h (if ``sums``); pass 2 dx.
 
     train: dx = sc·dz − sc·g/n − (x − μ)·sc·invstd²·h'/n, where h' = Σ dz·(x − μ) (the batch
-    statistics depend on x); eval: dx = sc·dz. ``y`` is read only for ELU (act' = y + α). ``nt``:
-    stream dx (non-ELU; every run dx[i, c] must start on a 64-byte line).
+    statistics depend on x); eval: dx = sc·dz. ``y`` is read only for ELU (act' = y + α; the smooth
+    activations recompute act'(z) from z). ``nt``: stream dx (code 0; every run dx[i, c] must start on a
+    64-byte line).
     """
     N, _, L = x.shape
     n = N * L
     zero, one, neg, alpha = sv[0], sv[1], sv[2], sv[3]
-    B = _ncl_block(N, L, x.itemsize, 3 if elu else 2, c0, c1)
+    B = _ncl_block(N, L, x.itemsize, 3 if ac == 1 else 2, c0, c1)
+    elu = ac == 1
     gb = np.zeros(B)
     hb = np.zeros(B)
     inv = np.empty(B)
@@ -133,8 +148,11 @@ def _backward_ncl(x, dy, y, dx, mean, var, w, b, eps, train, sums, elu, nt, cst,
                     hi, lo, sc, bc = cst[0, c], cst[1, c], cst[2, c], cst[3, c]
                     for j0 in range(0, L, _CHUNK):
                         e = j0 + _CHUNK
-                        gj, hj = _run_grad_sums(x[i, c, j0:e], dy[i, c, j0:e], y[i, c, j0:e], hi, lo, sc, bc,
-                                                sv, elu)
+                        if ac > 1:
+                            gj, hj = _run_grad_sums_smooth(x[i, c, j0:e], dy[i, c, j0:e], hi, lo, sc, bc, ac)
+                        else:
+                            gj, hj = _run_grad_sums(x[i, c, j0:e], dy[i, c, j0:e], y[i, c, j0:e], hi, lo,
+                                                    sc, bc, sv, elu)
                         gb[c - cb] += gj
                         hb[c - cb] += hj
         for c in range(cb, ce):
@@ -155,6 +173,12 @@ def _backward_ncl(x, dy, y, dx, mean, var, w, b, eps, train, sums, elu, nt, cst,
                         z = d * sc + bc
                         dz = dy[i, c, j] * (one if z > zero else y[i, c, j] + alpha)
                         dx[i, c, j] = sc * dz + q * d + r
+                elif ac > 1:
+                    for j in range(L):
+                        d = (x[i, c, j] - hi) - lo
+                        z = d * sc + bc
+                        dzs = dy[i, c, j] * _smooth_grad(np.float64(z), ac)
+                        dx[i, c, j] = sc * dzs + q * d + r
                 elif nt:
                     dxr = dx[i, c]
                     for j in range(L):

@@ -37,10 +37,11 @@ from ._cpu_ncl import _backward_ncl, _forward_ncl  # noqa: E402
 # elementwise results equal to the last bit, or within one rounding where a multiply-add was fused
 # differently).
 # =============================================================================================
-_BLOCK = 23
-(_B_N, _B_C, _B_L, _B_TRAIN, _B_SUMS, _B_ELU, _B_EPS, _B_X, _B_Y, _B_DY, _B_DX, _B_MEAN, _B_VAR,
- _B_W, _B_B, _B_CST, _B_SV, _B_DW, _B_DB, _B_P1, _B_P2, _B_INV, _B_NT) = range(_BLOCK)
+_BLOCK = 24
+(_B_N, _B_C, _B_L, _B_TRAIN, _B_SUMS, _B_AC, _B_EPS, _B_X, _B_Y, _B_DY, _B_DX, _B_MEAN, _B_VAR,
+ _B_W, _B_B, _B_CST, _B_SV, _B_DW, _B_DB, _B_P1, _B_P2, _B_INV, _B_NT, _B_RES) = range(_BLOCK)
 # sizes: (N, C, L) kernels  N, C, L;  (M, C) kernels  N = M, C, L = rows of the partial-sum tables
+# _B_AC: the activation code (_cpu_common._KIND); _B_RES: the residual's address, 0 for none
 
 
 @nb.njit(**_STRICT)
@@ -65,9 +66,11 @@ def _team_forward_ncl_body(blk, dt):
     N, C, L = blk[_B_N], blk[_B_C], blk[_B_L]
     _, c0, c1 = _part(C)
     f64 = np.float64
-    _forward_ncl(_at(blk[_B_X], (N, C, L), dt), _at(blk[_B_Y], (N, C, L), dt), _at(blk[_B_MEAN], C, f64),
+    hasres = blk[_B_RES] != 0
+    res = _at(blk[_B_RES] if hasres else blk[_B_X], (N, C, L), dt)
+    _forward_ncl(_at(blk[_B_X], (N, C, L), dt), res, _at(blk[_B_Y], (N, C, L), dt), _at(blk[_B_MEAN], C, f64),
                  _at(blk[_B_VAR], C, f64), _at(blk[_B_W], C, f64), _at(blk[_B_B], C, f64),
-                 blk.view(f64)[_B_EPS], blk[_B_TRAIN] != 0, blk[_B_ELU] != 0, blk[_B_NT] != 0,
+                 blk.view(f64)[_B_EPS], blk[_B_TRAIN] != 0, blk[_B_AC], hasres, blk[_B_NT] != 0,
                  _at(blk[_B_CST], (6, C), dt), _at(blk[_B_SV], 4, dt), c0, c1)
 
 
@@ -81,7 +84,7 @@ def _team_backward_ncl_body(blk, dt):
     y, dx = _at(blk[_B_Y], sh, dt), _at(blk[_B_DX], sh, dt)
     _backward_ncl(x, dy, y, dx, _at(blk[_B_MEAN], C, f64), _at(blk[_B_VAR], C, f64), _at(blk[_B_W], C, f64),
                   _at(blk[_B_B], C, f64), blk.view(f64)[_B_EPS], blk[_B_TRAIN] != 0, blk[_B_SUMS] != 0,
-                  blk[_B_ELU] != 0, blk[_B_NT] != 0, _at(blk[_B_CST], (6, C), dt), _at(blk[_B_SV], 4, dt),
+                  blk[_B_AC], blk[_B_NT] != 0, _at(blk[_B_CST], (6, C), dt), _at(blk[_B_SV], 4, dt),
                   _at(blk[_B_DW], C, f64), _at(blk[_B_DB], C, f64), c0, c1)
 
 
@@ -105,7 +108,9 @@ def _team_forward_mc_body(blk, dt):
         _constants_mc(mean, var, _at(blk[_B_W], C, f64), _at(blk[_B_B], C, f64), blk.view(f64)[_B_EPS], cst,
                       _at(blk[_B_INV], C, f64))
     _omp.barrier()
-    _apply_mc(x, _at(blk[_B_Y], (M, C), dt), blk[_B_ELU] != 0, blk[_B_NT] != 0, cst, sv, r0, r1)
+    hasres = blk[_B_RES] != 0
+    res = _at(blk[_B_RES] if hasres else blk[_B_X], (M, C), dt)
+    _apply_mc(x, res, _at(blk[_B_Y], (M, C), dt), blk[_B_AC], hasres, blk[_B_NT] != 0, cst, sv, r0, r1)
 
 
 @nb.njit(**_STRICT)
@@ -117,13 +122,13 @@ def _team_backward_mc_body(blk, dt):
     x, dy, y = _at(blk[_B_X], (M, C), dt), _at(blk[_B_DY], (M, C), dt), _at(blk[_B_Y], (M, C), dt)
     cst, sv = _at(blk[_B_CST], (6, C), dt), _at(blk[_B_SV], 4, dt)
     pg, ph = _at(blk[_B_P1], (S, C), f64), _at(blk[_B_P2], (S, C), f64)
-    elu = blk[_B_ELU] != 0
+    ac = blk[_B_AC]
     if t == 0:
         _constants_mc(_at(blk[_B_MEAN], C, f64), _at(blk[_B_VAR], C, f64), _at(blk[_B_W], C, f64),
                       _at(blk[_B_B], C, f64), blk.view(f64)[_B_EPS], cst, _at(blk[_B_INV], C, f64))
     _omp.barrier()
     if blk[_B_SUMS] != 0:
-        _grad_sums_mc(x, dy, y, elu, cst, sv, pg[t], ph[t], r0, r1)
+        _grad_sums_mc(x, dy, y, ac, cst, sv, pg[t], ph[t], r0, r1)
     else:  # (no dγ, dβ and no batch statistics: the sums are not needed; the merge reads zeros)
         for c in range(C):
             pg[t, c] = 0.0
@@ -133,7 +138,7 @@ def _team_backward_mc_body(blk, dt):
         _grad_coefs_mc(pg, ph, _at(blk[_B_W], C, f64), _at(blk[_B_INV], C, f64), M, blk[_B_TRAIN] != 0, cst,
                        _at(blk[_B_DW], C, f64), _at(blk[_B_DB], C, f64))
     _omp.barrier()
-    _dx_mc(x, dy, y, _at(blk[_B_DX], (M, C), dt), elu, blk[_B_NT] != 0, cst, sv, r0, r1)
+    _dx_mc(x, dy, y, _at(blk[_B_DX], (M, C), dt), ac, blk[_B_NT] != 0, cst, sv, r0, r1)
 
 
 # The callbacks ``void fn(int64 *block)``: one per operation and dtype, compiled only when used.
@@ -239,12 +244,12 @@ def _team_address(op: str, dtype: str) -> int:
 
 _SLOTS = {"x": _B_X, "y": _B_Y, "dy": _B_DY, "dx": _B_DX, "mean": _B_MEAN, "var": _B_VAR, "w": _B_W,
           "b": _B_B, "cst": _B_CST, "sv": _B_SV, "dw": _B_DW, "db": _B_DB, "p1": _B_P1, "p2": _B_P2,
-          "inv": _B_INV}
+          "inv": _B_INV, "res": _B_RES}
 
 
 def _block(arrays: dict[str, torch.Tensor | int], sizes: tuple[int, ...],
-           flags: tuple[bool, bool, bool, bool], eps: float) -> array.array:
-    """The int64 argument block of a team task (see the layout above); ``flags`` = (train, sums, elu, nt).
+           flags: tuple[bool, bool, int, bool], eps: float) -> array.array:
+    """The int64 argument block of a team task (see the layout above); ``flags`` = (train, sums, ac, nt).
 
     A stdlib ``array`` (0.7 µs to build, against 5 µs for a torch tensor); its address is
     ``block.buffer_info()[0]`` and it must stay referenced until the task returns. An entry of
@@ -252,7 +257,7 @@ def _block(arrays: dict[str, torch.Tensor | int], sizes: tuple[int, ...],
     """
     vals = [0] * _BLOCK
     vals[_B_N], vals[_B_C], vals[_B_L] = sizes
-    vals[_B_TRAIN], vals[_B_SUMS], vals[_B_ELU], vals[_B_NT] = (int(f) for f in flags)
+    vals[_B_TRAIN], vals[_B_SUMS], vals[_B_AC], vals[_B_NT] = (int(f) for f in flags)
     vals[_B_EPS] = struct.unpack("<q", struct.pack("<d", eps))[0]  # the float64's bits
     for key, t in arrays.items():
         vals[_SLOTS[key]] = t if type(t) is int else t.data_ptr()

@@ -63,8 +63,19 @@ Numerics, where they happen:
   ``|mean| ≫ std``; running statistics are cast to their buffer dtype by the caller.
 
 Activations: identity, relu and leaky_relu are one code path (``z`` if ``z > 0`` else
-``neg·z`` with neg = 1, 0, slope), ELU a run-time flag; activation, slope and α are run-time
-values, so each kernel compiles once per dtype (float32, float64) and no more.
+``neg·z`` with neg = 1, 0, slope), ELU a run-time code, and the smooth activations (SiLU,
+Hardswish, GELU erf and tanh, Sigmoid, Tanh) further run-time codes evaluated in float64 from
+``z`` by ``_cpu_common._smooth`` / ``_smooth_grad`` (their backward recomputes ``act'(z)`` from x,
+never reads y, and keeps plain stores); activation, slope and α are run-time values, so each kernel
+compiles once per dtype (float32, float64) and no more.
+
+Residual: :func:`train_forward_residual` / :func:`eval_forward_residual` compute
+``act(BN(x) + res)`` (identity, relu, leaky_relu) in the forward's own sweeps: the normalise sweep
+reads the residual beside x (plain stores). Their backward is :mod:`batchnorm.core.residual`'s
+(the activation's backward gives d(residual), then the BN backward of it).
+
+First use: in a fresh cache :func:`supports` answers False while a background process compiles the
+layout's kernels (:mod:`batchnorm.kernels._warmup`); the torch backend serves meanwhile.
 
 Threads: the kernels are plain sequential numba functions over a range of channels or rows. A call
 runs as **one OpenMP parallel region on torch's own thread team** (:mod:`batchnorm.kernels._omp`):
@@ -135,13 +146,14 @@ from ._numba_setup import configure
 
 configure()  # the cache folder must be known before numba is imported
 
-from . import _omp  # noqa: E402
-from ._cpu_common import _CODES  # noqa: E402
+from . import _omp, _warmup  # noqa: E402
+from ._cpu_common import _CODES, _KIND  # noqa: E402
 from ._cpu_mc import _apply_mc, _constants_mc, _dx_mc, _grad_coefs_mc, _grad_sums_mc, _stats_mc, _sums_mc  # noqa: E402
 from ._cpu_ncl import _backward_ncl, _forward_ncl  # noqa: E402
 from ._cpu_team import _block, _parallel, _split, _team_address, _threads  # noqa: E402
 
-__all__ = ["backward", "eval_backward", "eval_forward", "name", "supports", "train_forward"]
+__all__ = ["backward", "eval_backward", "eval_forward", "eval_forward_residual", "name", "supports",
+           "supports_residual", "train_forward", "train_forward_residual"]
 
 name = "numba"
 
@@ -211,7 +223,7 @@ def _sv(dtype, act: str, slope: float) -> torch.Tensor:
     key = (dtype, act, float(slope))
     sv = _SV_CACHE.get(key)
     if sv is None:
-        neg = {"identity": 1.0, "relu": 0.0, "leaky_relu": slope, "elu": 0.0}[act]
+        neg = {"identity": 1.0, "relu": 0.0, "leaky_relu": slope}.get(act, 0.0)  # (others: not read)
         sv = _SV_CACHE.setdefault(key, torch.tensor([0.0, 1.0, neg, slope], dtype=dtype))
     return sv
 
@@ -262,26 +274,40 @@ very large value turns streaming off). Results are the same to the last bit eith
 
 
 def _streams(out: torch.Tensor, act: str, inner: int) -> bool:
-    """Whether the kernels stream ``out``: large enough, not ELU (its loops keep plain stores), and every
-    run of ``inner`` values starts on a 64-byte line."""
+    """Whether the kernels stream ``out``: large enough, a piecewise-linear activation (ELU's and the
+    smooth activations' loops keep plain stores), and every run of ``inner`` values starts on a 64-byte
+    line."""
     nbytes = out.numel() * out.element_size()
-    return (nbytes >= STREAM_MIN_BYTES and act != "elu" and out.data_ptr() % 64 == 0
+    return (nbytes >= STREAM_MIN_BYTES and _KIND[act] == 0 and out.data_ptr() % 64 == 0
             and inner * out.element_size() % 64 == 0)
 
 
 def supports(x: torch.Tensor, channel_axis: int, act: str) -> bool:
-    """float32/float64 CPU tensors, contiguous or channels-last, plain torch.Tensor (not a subclass)."""
-    return (type(x) in (torch.Tensor, torch.nn.Parameter)
+    """float32/float64 CPU tensors, contiguous or channels-last, plain torch.Tensor (not a subclass) —
+    once their layout's kernels are compiled: until then (first use in a fresh cache) False, while a
+    background process compiles them (:mod:`batchnorm.kernels._warmup`), unless numba is forced."""
+    if not (type(x) in (torch.Tensor, torch.nn.Parameter)
             and x.device.type == "cpu"
             and x.dtype in (torch.float32, torch.float64)
             and x.layout == torch.strided
             and x.numel() > 0
-            and act in _CODES
-            and _plan(x, channel_axis % x.ndim) is not None)
+            and act in _CODES):
+        return False
+    plan = _plan(x, channel_axis % x.ndim)
+    if plan is None:
+        return False
+    return _warmup.ready(plan[0], "f64" if x.dtype == torch.float64 else "f32") or _forced()
+
+
+def _forced() -> bool:
+    """Whether the numba backend is forced (it then compiles in-process rather than refuse the input)."""
+    from . import get_backend
+
+    return get_backend() == name
 
 
 def _launch(op: str, arrays: dict[str, torch.Tensor | int], sizes: tuple[int, ...],
-            flags: tuple[bool, bool, bool, bool],
+            flags: tuple[bool, bool, int, bool],
             eps: float, threads: int) -> None:
     """One team task: ``op`` over ``arrays`` (all dense, in x's memory order) on ``threads`` threads."""
     blk = _block(arrays, sizes, flags, eps)
@@ -289,31 +315,35 @@ def _launch(op: str, arrays: dict[str, torch.Tensor | int], sizes: tuple[int, ..
     _omp.run(_team_address(op, dtype), blk.buffer_info()[0], threads)
 
 
-def _forward(x, mean, var, weight, bias, eps, axis, act, slope, train):
-    """y = act(BN(x)); writes the batch statistics into the float64 ``mean``/``var`` when ``train``."""
+def _forward(x, mean, var, weight, bias, eps, axis, act, slope, train, res=None):
+    """y = act(BN(x) [+ res]); writes the batch statistics into the float64 ``mean``/``var`` when
+    ``train``. ``res``: a residual in x's dtype and memory layout (piecewise-linear activations)."""
     plan = _plan(x, axis)
     kind, _, shape = plan
     c = x.shape[axis]
     y = _empty_like(x)
     w, b = _vec(weight, c, 1.0), _vec(bias, c, 0.0)
-    sv, elu = _sv(x.dtype, act, slope), act == "elu"
+    sv, ac = _sv(x.dtype, act, slope), _KIND[act]
     eps = float(eps)
     nt = _threads(x.numel(), c if kind == "ncl" else shape[0])
-    stream = _streams(y, act, shape[-1])
+    stream = res is None and _streams(y, act, shape[-1])  # (the residual loop keeps plain stores)
     # cst; for (M, C) also inv and the partial sums, one row per thread (eval: never read)
     ws, scratch = _scratch(x.dtype, c, nt if kind == "mc" else 0)
     if _omp.runtime():
         arrays = {"x": x, "y": y, "mean": mean, "var": var, "w": w, "b": b, "sv": sv, **scratch}
+        if res is not None:
+            arrays["res"] = res
         sizes = shape if kind == "ncl" else (*shape, nt)
-        _launch("forward_" + kind, arrays, sizes, (train, False, elu, stream), eps, nt)
+        _launch("forward_" + kind, arrays, sizes, (train, False, ac, stream), eps, nt)
         return y
     # the Python thread pool (no OpenMP team to share): the same kernels on numpy views
     xa, ya = _np(x, plan), _np(y, plan)
+    ra, hasres = (xa, False) if res is None else (_np(res, plan), True)
     m, v, w, b, sv = (t.numpy() for t in (mean, var, w, b, sv))
     tables = _scratch_np(ws, x.dtype, c, nt if kind == "mc" else 0)
     cst = tables["cst"]
     if kind == "ncl":
-        _parallel(_forward_ncl, [(xa, ya, m, v, w, b, eps, train, elu, stream, cst, sv, lo, hi)
+        _parallel(_forward_ncl, [(xa, ra, ya, m, v, w, b, eps, train, ac, hasres, stream, cst, sv, lo, hi)
                                  for lo, hi in _split(c, nt)])
         return y
     parts = _split(shape[0], nt)
@@ -322,7 +352,7 @@ def _forward(x, mean, var, weight, bias, eps, axis, act, slope, train):
         _parallel(_sums_mc, [(xa, xa[0], p1[t], p2[t], sv, lo, hi) for t, (lo, hi) in enumerate(parts)])
         _stats_mc(xa, xa[0], p1, p2, m, v)
     _constants_mc(m, v, w, b, eps, cst, tables["inv"])
-    _parallel(_apply_mc, [(xa, ya, elu, stream, cst, sv, lo, hi) for lo, hi in parts])
+    _parallel(_apply_mc, [(xa, ra, ya, ac, hasres, stream, cst, sv, lo, hi) for lo, hi in parts])
     return y
 
 
@@ -359,7 +389,7 @@ def _backward(dy, x, y, weight, bias, mean, var, eps, axis, act, slope, train):
     dw = torch.empty(c, dtype=torch.float64)
     db = torch.empty(c, dtype=torch.float64)
     sums = train or weight is not None or bias is not None
-    sv, elu = _sv(x.dtype, act, slope), act == "elu"
+    sv, ac = _sv(x.dtype, act, slope), _KIND[act]
     eps = float(eps)
     nt = _threads(x.numel(), c if kind == "ncl" else shape[0])
     stream = _streams(dx, act, shape[-1])
@@ -368,27 +398,27 @@ def _backward(dy, x, y, weight, bias, mean, var, eps, axis, act, slope, train):
         arrays = {"x": x, "dy": dy, "y": y, "dx": dx, "mean": m, "var": v, "w": w, "b": b, "sv": sv,
                   "dw": dw, "db": db, **scratch}
         sizes = shape if kind == "ncl" else (*shape, nt)
-        _launch("backward_" + kind, arrays, sizes, (train, sums, elu, stream), eps, nt)
+        _launch("backward_" + kind, arrays, sizes, (train, sums, ac, stream), eps, nt)
     else:  # the Python thread pool
         xa, dya, ya, dxa = (_np(t, plan) for t in (x, dy, y, dx))
         m_, v_, w_, b_, sv_, dw_, db_ = (t.numpy() for t in (m, v, w, b, sv, dw, db))
         tables = _scratch_np(ws, x.dtype, c, nt if kind == "mc" else 0)
         cst_ = tables["cst"]
         if kind == "ncl":
-            args = (xa, dya, ya, dxa, m_, v_, w_, b_, eps, train, sums, elu, stream, cst_, sv_, dw_, db_)
+            args = (xa, dya, ya, dxa, m_, v_, w_, b_, eps, train, sums, ac, stream, cst_, sv_, dw_, db_)
             _parallel(_backward_ncl, [(*args, lo, hi) for lo, hi in _split(c, nt)])
         else:
             pg, ph, inv = tables["p1"], tables["p2"], tables["inv"]
             _constants_mc(m_, v_, w_, b_, eps, cst_, inv)
             parts = _split(shape[0], nt)
             if sums:
-                _parallel(_grad_sums_mc, [(xa, dya, ya, elu, cst_, sv_, pg[t], ph[t], lo, hi)
+                _parallel(_grad_sums_mc, [(xa, dya, ya, ac, cst_, sv_, pg[t], ph[t], lo, hi)
                                           for t, (lo, hi) in enumerate(parts)])
             else:
                 pg[:] = 0.0
                 ph[:] = 0.0
             _grad_coefs_mc(pg, ph, w_, inv, shape[0], train, cst_, dw_, db_)
-            _parallel(_dx_mc, [(xa, dya, ya, dxa, elu, stream, cst_, sv_, lo, hi) for lo, hi in parts])
+            _parallel(_dx_mc, [(xa, dya, ya, dxa, ac, stream, cst_, sv_, lo, hi) for lo, hi in parts])
     dweight = None if weight is None else dw.to(weight.dtype)
     dbias = None if bias is None else db.to(bias.dtype)
     return dx, dweight, dbias
@@ -402,3 +432,33 @@ def backward(dy, x, y, weight, bias, mean, var, eps, channel_axis, act, slope):
 def eval_backward(dy, x, y, weight, bias, mean, var, eps, channel_axis, act, slope):
     """Backward of :func:`eval_forward` w.r.t. x, γ, β (statistics are constants)."""
     return _backward(dy, x, y, weight, bias, mean, var, eps, channel_axis, act, slope, False)
+
+
+# -- BN + residual add + activation ---------------------------------------------------------------
+_RES_ACTS = ("identity", "relu", "leaky_relu")
+
+
+def supports_residual(x: torch.Tensor, res: torch.Tensor, channel_axis: int, act: str) -> bool:
+    """Whether the fused ``act(BN(x) + res)`` kernels run these inputs: what :func:`supports` takes, a
+    piecewise-linear activation (identity, relu, leaky_relu), and a plain CPU tensor of x's dtype and
+    shape as the residual (in another memory layout than x's it is copied into x's first)."""
+    return (act in _RES_ACTS and supports(x, channel_axis, act)
+            and type(res) in (torch.Tensor, torch.nn.Parameter) and res.dtype == x.dtype
+            and res.device == x.device and res.shape == x.shape)
+
+
+def train_forward_residual(x, res, weight, bias, eps, channel_axis, act, slope):
+    """``(act(BN(x) + res), batch_mean, biased_batch_var)`` in the passes of :func:`train_forward`: the
+    statistics sweep reads x, the normalise sweep reads x and res and writes y (float64 statistics)."""
+    c = x.shape[channel_axis]
+    mean = torch.empty(c, dtype=torch.float64)
+    var = torch.empty(c, dtype=torch.float64)
+    y = _forward(x, mean, var, weight, bias, eps, channel_axis, act, slope, True, _like(res, x))
+    return y, mean, var
+
+
+def eval_forward_residual(x, res, mean, var, weight, bias, eps, channel_axis, act, slope):
+    """``act((x − mean) · γ / sqrt(var + ε) + β + res)`` with given statistics, one sweep."""
+    c = x.shape[channel_axis]
+    return _forward(x, _vec(mean, c, 0.0), _vec(var, c, 1.0), weight, bias, eps, channel_axis, act, slope,
+                    False, _like(res, x))

@@ -25,7 +25,12 @@ def _view(t: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
     return t.reshape(shape)
 
 
+# activations whose derivative is not a function of the output alone: the backward recomputes z
+_GRAD_FROM_INPUT = ("silu", "hardswish", "gelu", "gelu_tanh", "sigmoid", "tanh")
+
+
 def act_forward(z: torch.Tensor, act: str, slope: float) -> torch.Tensor:
+    """``act(z)`` as torch's own functional ops (``slope``: leaky_relu's slope, elu's α)."""
     if act == "identity":
         return z
     if act == "relu":
@@ -34,6 +39,18 @@ def act_forward(z: torch.Tensor, act: str, slope: float) -> torch.Tensor:
         return torch.nn.functional.leaky_relu(z, slope)
     if act == "elu":
         return torch.nn.functional.elu(z, slope)
+    if act == "silu":
+        return torch.nn.functional.silu(z)
+    if act == "hardswish":
+        return torch.nn.functional.hardswish(z)
+    if act == "gelu":
+        return torch.nn.functional.gelu(z)
+    if act == "gelu_tanh":
+        return torch.nn.functional.gelu(z, approximate="tanh")
+    if act == "sigmoid":
+        return torch.sigmoid(z)
+    if act == "tanh":
+        return torch.tanh(z)
     raise ValueError(f"batchnorm: unknown activation {act!r}")
 
 
@@ -41,7 +58,8 @@ def act_grad_from_output(y: torch.Tensor, act: str, slope: float) -> torch.Tenso
     """d act/dz expressed through the output y = act(z) (None for identity).
 
     relu: 1 where y > 0; leaky_relu (slope > 0): 1 where y > 0 else slope; elu: 1 where y > 0
-    else y + α. At z = 0 this gives 0 for relu and slope for leaky_relu, as torch does.
+    else y + α; sigmoid y(1 − y); tanh 1 − y² (silu, hardswish and gelu need z). At z = 0 this gives 0
+    for relu and slope for leaky_relu, as torch does.
     """
     if act == "identity":
         return None
@@ -53,6 +71,13 @@ def act_grad_from_output(y: torch.Tensor, act: str, slope: float) -> torch.Tenso
         return torch.where(pos, torch.ones_like(y), torch.full_like(y, slope))
     if act == "elu":
         return torch.where(pos, torch.ones_like(y), y + slope)
+    if act == "sigmoid":
+        return y * (1 - y)
+    if act == "tanh":
+        return 1 - y * y
+    if act in _GRAD_FROM_INPUT:
+        raise ValueError(f"batchnorm: the derivative of {act!r} is not a function of its output; recompute "
+                         f"z = γ·x̂ + β and use the derivative from the input")
     raise ValueError(f"batchnorm: unknown activation {act!r}")
 
 
@@ -65,15 +90,39 @@ def _act_grad_from_input(z: torch.Tensor, act: str, slope: float) -> torch.Tenso
         return torch.where(z > 0, torch.ones_like(z), torch.full_like(z, slope))
     if act == "elu":
         return torch.where(z > 0, torch.ones_like(z), slope * torch.exp(z.clamp_max(0)))
+    if act in ("silu", "sigmoid"):
+        s = torch.sigmoid(z)
+        return s * (1 + z * (1 - s)) if act == "silu" else s * (1 - s)
+    if act == "hardswish":  # torch's convention at the kinks: 0 up to −3, z/3 + ½ between, 1 from 3 on
+        return torch.where(z <= -3, torch.zeros_like(z), torch.where(z < 3, z / 3 + 0.5, torch.ones_like(z)))
+    if act == "gelu":
+        return (0.5 * (1 + torch.erf(z * 0.7071067811865476))
+                + z * 0.3989422804014327 * torch.exp(-0.5 * z * z))
+    if act == "gelu_tanh":
+        k = 0.7978845608028654
+        t = torch.tanh(k * (z + 0.044715 * z * z * z))
+        return 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * k * (1 + 3 * 0.044715 * z * z)
+    if act == "tanh":
+        return 1 - torch.tanh(z) ** 2
     raise ValueError(f"batchnorm: unknown activation {act!r}")
+
+
+def _z(x, mean, invstd, weight, bias, nd, axis, acc):
+    """z = γ·x̂ + β in the accumulation dtype (the activation's input, for derivatives that need it)."""
+    z = (x.to(acc) - _view(mean.to(acc), nd, axis)) * _view(invstd, nd, axis)
+    if weight is not None:
+        z = z * _view(weight.to(acc), nd, axis)
+    if bias is not None:
+        z = z + _view(bias.to(acc), nd, axis)
+    return z
 
 
 def supports(x: torch.Tensor, channel_axis: int, act: str) -> bool:
     return True
 
 
-def eval_forward(x, mean, var, weight, bias, eps, channel_axis, act, slope):
-    """``act((x − mean) · γ / sqrt(var + ε) + β)`` with given statistics; output in x's dtype."""
+def _normalise(x, mean, var, weight, bias, eps, channel_axis):
+    """``(x − mean) · γ / sqrt(var + ε) + β`` in the accumulation dtype."""
     acc = acc_dtype(x.dtype)
     nd = x.ndim
     invstd = torch.rsqrt(var.to(acc) + eps)
@@ -81,7 +130,12 @@ def eval_forward(x, mean, var, weight, bias, eps, channel_axis, act, slope):
     z = (x.to(acc) - _view(mean.to(acc), nd, channel_axis)) * _view(scale, nd, channel_axis)
     if bias is not None:
         z = z + _view(bias.to(acc), nd, channel_axis)
-    return act_forward(z, act, slope).to(x.dtype)
+    return z
+
+
+def eval_forward(x, mean, var, weight, bias, eps, channel_axis, act, slope):
+    """``act((x − mean) · γ / sqrt(var + ε) + β)`` with given statistics; output in x's dtype."""
+    return act_forward(_normalise(x, mean, var, weight, bias, eps, channel_axis), act, slope).to(x.dtype)
 
 
 def train_forward(x, weight, bias, eps, channel_axis, act, slope):
@@ -108,7 +162,7 @@ def backward(dy, x, y, weight, bias, mean, var, eps, channel_axis, act, slope):
     xhat = (x.to(acc) - _view(mean.to(acc), nd, channel_axis)) * _view(invstd, nd, channel_axis)
     dz = dy.to(acc)
     if act != "identity":
-        if y is None:  # recompute z (double-backward path)
+        if y is None or act in _GRAD_FROM_INPUT:  # recompute z (double backward; smooth activations)
             z = xhat if weight is None else xhat * _view(weight.to(acc), nd, channel_axis)
             if bias is not None:
                 z = z + _view(bias.to(acc), nd, channel_axis)
@@ -132,7 +186,9 @@ def eval_backward(dy, x, y, weight, bias, mean, var, eps, channel_axis, act, slo
     dims = reduce_dims(nd, channel_axis)
     invstd = torch.rsqrt(var.to(acc) + eps)
     dz = dy.to(acc)
-    if act != "identity":
+    if act in _GRAD_FROM_INPUT:
+        dz = dz * _act_grad_from_input(_z(x, mean, invstd, weight, bias, nd, channel_axis, acc), act, slope)
+    elif act != "identity":
         dz = dz * act_grad_from_output(y.to(acc), act, slope)
     scale = invstd if weight is None else invstd * weight.to(acc)
     dx = (dz * _view(scale, nd, channel_axis)).to(x.dtype)
@@ -155,3 +211,43 @@ def differentiable_train_backward(dy, x, weight, bias, eps, channel_axis, act, s
     """
     m, v, _ = batch_moments(x, channel_axis)
     return backward(dy, x, None, weight, bias, m, v, eps, channel_axis, act, slope)
+
+
+# -- BN + residual add + activation: y = act(BN(x) + res) ---------------------------------------------
+def supports_residual(x: torch.Tensor, res: torch.Tensor, channel_axis: int, act: str) -> bool:
+    return True
+
+
+def eval_forward_residual(x, res, mean, var, weight, bias, eps, channel_axis, act, slope):
+    """``act((x − mean) · γ / sqrt(var + ε) + β + res)`` with given statistics (accumulation dtype, then
+    rounded once to x's dtype)."""
+    z = _normalise(x, mean, var, weight, bias, eps, channel_axis) + res.to(acc_dtype(x.dtype))
+    return act_forward(z, act, slope).to(x.dtype)
+
+
+def train_forward_residual(x, res, weight, bias, eps, channel_axis, act, slope):
+    """``(act(BN(x) + res), batch_mean, biased_batch_var)`` with batch statistics."""
+    mean, var, _ = batch_moments(x, channel_axis)
+    return eval_forward_residual(x, res, mean, var, weight, bias, eps, channel_axis, act, slope), mean, var
+
+
+def residual_grad(dy, x, res, y, weight, bias, mean, var, eps, channel_axis, act, slope):
+    """``dz = dy · act'(z)`` of ``y = act(z)``, ``z = BN(x) + res``: the gradient of the residual, and
+    what the BN backward (with the identity activation) takes as its ``dy``.
+
+    The piecewise-linear activations and ELU read act' from y with torch's own one-pass backward ops
+    (``threshold_backward``, ``leaky_relu_backward``, ``elu_backward``); the smooth ones recompute z.
+    Differentiable (double backward), as the rest of this module."""
+    if act == "identity":
+        return dy
+    if act == "relu":
+        return torch.ops.aten.threshold_backward(dy, y, 0)
+    if act == "leaky_relu" and slope >= 0:
+        return torch.ops.aten.leaky_relu_backward(dy, y, slope, True)
+    if act == "elu" and slope >= 0:
+        return torch.ops.aten.elu_backward(dy, slope, 1, 1, True, y)
+    acc = acc_dtype(x.dtype)
+    if act in _GRAD_FROM_INPUT:
+        z = _normalise(x, mean, var, weight, bias, eps, channel_axis) + res.to(acc)
+        return (dy.to(acc) * _act_grad_from_input(z, act, slope)).to(dy.dtype)
+    return (dy.to(acc) * act_grad_from_output(y.to(acc), act, slope)).to(dy.dtype)

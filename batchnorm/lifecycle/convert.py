@@ -9,7 +9,8 @@ replaces each torch BN layer by the matching module of this package:
     ``nn.BatchNorm1d/2d/3d``                    :class:`BatchNorm1d/2d/3d`
     ``nn.SyncBatchNorm``                        :class:`batchnorm.family.sync.SyncBatchNorm` (same group)
     ``nn.LazyBatchNorm*`` (materialised)        by rank, as above
-    ``nn.Sequential(BN, ReLU|LeakyReLU|ELU)``   :class:`BatchNormAct1d/2d/3d` (``fuse_activations``)
+    ``nn.Sequential(BN, ReLU|LeakyReLU|ELU)``   :class:`BatchNormAct1d/2d/3d` (``fuse_activations``;
+    (or SiLU, Hardswish, GELU, Sigmoid, Tanh)   see ``core._bnlayers.activation_of_module``)
     ==========================================  ===============================================
 
 :func:`convert_to_torch` goes the other way (for ONNX export, or to hand a model to someone who does
@@ -39,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core._bnlayers import activation_module
+from ..core._bnlayers import activation_module, activation_of_module
 from ..core._bnlayers import share_state as _share_state
 from ..core.modules import (
     BatchNorm1d,
@@ -98,13 +99,7 @@ def _factory(old: nn.Module) -> dict[str, Any]:
 
 def _act_of(m: nn.Module) -> tuple[str, float] | None:
     """Our activation name and slope for a torch activation module we can fuse (exact types only)."""
-    if type(m) is nn.ReLU:
-        return "relu", 0.01
-    if type(m) is nn.LeakyReLU:
-        return "leaky_relu", float(m.negative_slope)
-    if type(m) is nn.ELU:
-        return "elu", float(m.alpha)
-    return None
+    return activation_of_module(m)
 
 
 # -- torch -> ours ------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ def test_alloc_measurement_quick(capsys):
 def test_case_option_measures_only_the_given_shapes(tmp_path, capsys):
     path = tmp_path / "bench.json"
     argv = ["--case", "6x5", "--case", "2x3x4x4:nhwc", "--case", "2x3x2x2x2:ndhwc",
-            "--reps", "1", "--warmup", "0", "--json", str(path)]
+            "--reps", "1", "--warmup", "0", "--no-compile", "--json", str(path)]
     assert benchmark.main(argv) == 0
     rows = json.loads(path.read_text())["rows"]
     assert [(r["shape"], r["layout"]) for r in rows[::len(benchmark.PASSES)]] == [

@@ -328,7 +328,7 @@ def test_supports_rejects_other_devices_and_tensor_subclasses():
 
     assert not cpu.supports(torch.randn(4, 3).as_subclass(Sub), 1, "relu")
     assert cpu.supports(torch.nn.Parameter(torch.randn(4, 3)), 1, "relu")
-    assert not cpu.supports(torch.randn(4, 3), 1, "gelu")
+    assert not cpu.supports(torch.randn(4, 3), 1, "mish")
     if torch.cuda.is_available():  # exercised on machines with a GPU
         assert batchnorm.backend_for(torch.randn(4, 3, device="cuda")) == "torch"
 
