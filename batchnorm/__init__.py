@@ -112,14 +112,21 @@ class _MovedModuleFinder(_importlib_abc.MetaPathFinder, _importlib_abc.Loader):
         return _importlib_util.spec_from_loader(fullname, self)
 
     def create_module(self, spec):
-        return _importlib.import_module(f"{__name__}.{_MOVED[spec.name.partition('.')[2]]}")
+        module = _importlib.import_module(f"{__name__}.{_MOVED[spec.name.partition('.')[2]]}")
+        spec.loader_state = module.__spec__  # the import system overwrites __spec__ with the alias's
+        return module
 
-    def exec_module(self, module):  # already executed under its new name
-        pass
+    def exec_module(self, module):  # already executed under its new name; keep its own spec, so
+        module.__spec__ = module.__spec__.loader_state  # relative imports inside it still resolve
 
 
 if not any(isinstance(f, _MovedModuleFinder) for f in _sys.meta_path):
     _sys.meta_path.append(_MovedModuleFinder())
+# Modules this file has imported anyway are aliased now: a first ``import batchnorm.recalibrate``
+# must not make the import system set ``batchnorm.recalibrate`` (the function) to the module.
+for _old, _new in _MOVED.items():
+    if f"{__name__}.{_new}" in _sys.modules:
+        _sys.modules.setdefault(f"{__name__}.{_old}", _sys.modules[f"{__name__}.{_new}"])
 
 
 def __getattr__(name: str):

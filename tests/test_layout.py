@@ -131,3 +131,20 @@ def test_importing_the_package_imports_no_subpackage_it_does_not_need():
             "and m.split('.')[1] in ('lab', 'bench')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_importing_an_old_path_keeps_the_package_names_and_the_modules_specs():
+    import subprocess
+    import sys
+
+    # a fresh process: the first import of each old path is what could rebind a name
+    code = ("import warnings; warnings.simplefilter('error')\n"
+            "import batchnorm.recalibrate, batchnorm.freeze, batchnorm.inplace, batchnorm.ops\n"
+            "import batchnorm, torch\n"
+            "assert callable(batchnorm.recalibrate) and callable(batchnorm.freeze), 'function rebound'\n"
+            "assert batchnorm.ops.__spec__.name == 'batchnorm.core.ops', batchnorm.ops.__spec__\n"
+            "assert batchnorm.inplace.__spec__.name == 'batchnorm.family.inplace'\n"
+            "batchnorm.InPlaceABN2d(3)(torch.randn(4, 3, 5, 5))  # relative imports inside still resolve\n"
+            "print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
