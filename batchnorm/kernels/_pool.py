@@ -132,6 +132,15 @@ def _drain() -> None:
             _idle.setdefault(block.nbytes, []).append(block)
 
 
+_ALIGN = 64  # torch's CPU allocator aligns to 64 bytes; the kernels' streaming stores need whole lines
+
+
+def _aligned_block(nbytes: int) -> np.ndarray:
+    raw = np.empty(nbytes + _ALIGN, dtype=np.uint8)
+    start = -raw.ctypes.data % _ALIGN
+    return raw[start:start + nbytes]  # (a view: keeps raw alive)
+
+
 def _standard_strides(x: torch.Tensor) -> bool:
     return x.is_contiguous() or (x.ndim in _CL and x.is_contiguous(memory_format=_CL[x.ndim]))
 
@@ -148,7 +157,7 @@ def empty_like(x: torch.Tensor) -> torch.Tensor:
         if blocks:
             block = blocks.pop()
         elif _held + nbytes <= _limit:
-            block = np.empty(nbytes, dtype=np.uint8)
+            block = _aligned_block(nbytes)
             _held += nbytes
         else:
             return torch.empty_like(x)

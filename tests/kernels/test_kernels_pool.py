@@ -182,6 +182,7 @@ def test_a_reused_buffer_is_a_fresh_tensor():
     b = _pool.empty_like(x)
     assert b.data_ptr() == pa and b._version <= 1 and b.grad_fn is None and not b.requires_grad
     assert b._base is None and b.untyped_storage().nbytes() == x.numel() * 4
+    assert b.data_ptr() % 64 == 0, "outputs must be 64-byte aligned like torch's (the kernels stream lines)"
 
 
 def test_non_standard_strides_are_not_pooled():
