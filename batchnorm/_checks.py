@@ -44,6 +44,9 @@ def check_input(
         elif x.ndim not in _MODULE_FOR_RANK:
             hint = "; batch norm takes inputs of rank 2 to 5 with channels on one axis"
         raise ValueError(f"{op}: expected {want} input, got {x.ndim}-D input of shape {tuple(x.shape)}{hint}")
+    if isinstance(channel_axis, bool) or not isinstance(channel_axis, int):
+        raise TypeError(f"{op}: expected channel_axis to be an int, got {channel_axis!r} "
+                        f"({type(channel_axis).__name__}); use 1 for channels-first or -1 for channels-last")
     if not -x.ndim <= channel_axis < x.ndim:
         raise ValueError(f"{op}: channel_axis={channel_axis} is out of range for a {x.ndim}-D input; "
                          f"use 1 for channels-first or -1 for channels-last")
@@ -123,3 +126,45 @@ def check_nonfinite(op: str, nonfinite: object) -> str:
                          f"folds any batch into the running statistics (PyTorch), 'skip' ignores a batch "
                          f"whose statistics are NaN/Inf, 'raise' raises on it")
     return str(nonfinite)
+
+
+def check_num_batches_tracked(op: str, nbt: object, *, like: torch.Tensor | None = None) -> None:
+    """None, or the batch count as torch keeps it: a 0-d integer tensor (on ``like``'s device)."""
+    if nbt is None:
+        return
+    if not isinstance(nbt, torch.Tensor):
+        raise TypeError(f"{op}: expected num_batches_tracked to be a 0-d integer tensor or None, got "
+                        f"{type(nbt).__name__} {nbt!r}; pass torch.tensor({nbt!r}) (the count is updated "
+                        f"as a tensor, like BatchNorm's buffer)")
+    if nbt.ndim != 0 or nbt.is_floating_point() or nbt.is_complex() or nbt.dtype == torch.bool:
+        raise ValueError(f"{op}: expected num_batches_tracked to be a 0-d integer tensor, got shape "
+                         f"{tuple(nbt.shape)} and dtype {nbt.dtype}; use torch.tensor(0) at the start")
+    if like is not None and nbt.device != like.device:
+        raise ValueError(f"{op}: num_batches_tracked is on {nbt.device} but the statistics are on "
+                         f"{like.device}; move them to one device")
+
+
+def check_distinct(op: str, named: dict[str, torch.Tensor | None]) -> None:
+    """No two of the tensors that will be written (or read while others are written) share memory:
+    ``running_mean is running_var`` would fold both updates into one buffer."""
+    items = [(k, t) for k, t in named.items() if isinstance(t, torch.Tensor) and t.numel()]
+    for i, (ka, a) in enumerate(items):
+        for kb, b in items[i + 1:]:
+            # (under torch.compile the tensors are fake, without addresses: identity is what we know)
+            same = a is b if torch.compiler.is_compiling() else a.device == b.device and _shares_memory(a, b)
+            if same:
+                raise ValueError(f"{op}: {ka} and {kb} share memory (the same tensor or views of one); "
+                                 f"each statistic needs its own buffer: pass {kb}.clone()")
+
+
+def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the address ranges the two can reach intersect (addresses are absolute: no storage
+    lookup needed, which keeps this cheap on every training step)."""
+    return _span(a)[0] < _span(b)[1] and _span(b)[0] < _span(a)[1]
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """[first byte, one past the last byte) that ``t``'s elements occupy."""
+    size = t.element_size()
+    lo = t.data_ptr() + sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if st < 0) * size
+    return lo, lo + (sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) + 1) * size
