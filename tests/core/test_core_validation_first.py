@@ -78,3 +78,40 @@ def test_argument_checks_of_the_tf_style_ops():
     m, v = moments(x, axes=[0])
     with pytest.raises(ValueError, match="scale is on meta but the input is on cpu"):
         batch_norm(x, m, v, scale=torch.ones(3, device="meta"))
+
+
+def test_documented_float32_overflow_range_and_the_policies_that_catch_it():
+    """README, Conventions and numerics: |x| > ~1.8e19 overflows the float32 variance, as in torch;
+    nonfinite='raise'/'skip' keep such a batch out of the buffers."""
+    import batchnorm
+
+    x = torch.randn(8, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    ok = batchnorm.BatchNorm2d(3)
+    ref = torch.nn.functional.batch_norm((x * 1e18).double(), None, None, training=True)
+    assert (ok(x * 1e18).double() - ref).abs().max() < 1e-5, "1e18 is still inside the range"
+    torch_bn, ours = torch.nn.BatchNorm2d(3), batchnorm.BatchNorm2d(3)
+    torch_bn(x * 1e20)
+    ours(x * 1e20)
+    assert torch.isinf(torch_bn.running_var).all() and torch.isinf(ours.running_var).all()  # same as torch
+    for policy in ("raise", "skip"):
+        bn = batchnorm.BatchNorm2d(3, nonfinite=policy)
+        if policy == "raise":
+            with pytest.raises(FloatingPointError, match="NaN or Inf"):
+                bn(x * 1e20)
+        else:
+            bn(x * 1e20)
+        assert torch.equal(bn.running_var, torch.ones(3)) and int(bn.num_batches_tracked) == 0
+
+
+def test_documented_torch_compile_fullgraph_error_carries_our_message():
+    import torch._dynamo
+
+    import batchnorm
+
+    torch._dynamo.reset()
+    bn = batchnorm.BatchNorm2d(4)
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="expected 4 channels on axis 1, got 3"):
+        torch.compile(bn, fullgraph=True, backend="eager")(torch.randn(2, 3, 5, 5))
+    with pytest.raises(ValueError, match="expected 4 channels on axis 1, got 3"):
+        torch.compile(bn, backend="eager")(torch.randn(2, 3, 5, 5))
+    torch._dynamo.reset()
