@@ -218,3 +218,17 @@ def test_a_bad_pool_limit_in_the_environment_is_a_clear_error(raw, monkeypatch):
     monkeypatch.setenv("BATCHNORM_POOL_MB", raw)
     with pytest.raises(ValueError, match=r"BATCHNORM_POOL_MB=.* is not a number of MiB >= 0; unset it"):
         _pool._default_limit()
+
+
+def test_pickling_saving_and_deepcopy_of_a_pooled_output(tmp_path):
+    import copy
+    import pickle
+
+    x = torch.randn(BIG)
+    y = _pool.empty_like(x).copy_(x)
+    torch.save(y, tmp_path / "y.pt")
+    clones = [pickle.loads(pickle.dumps(y)), copy.deepcopy(y), torch.load(tmp_path / "y.pt")]
+    del y
+    for v in (2.0, 3.0):
+        _fill_and_drop(x, v)
+    assert all(torch.equal(c, x) for c in clones), "a copy shares the pooled memory"
