@@ -128,6 +128,9 @@ def check_nonfinite(op: str, nonfinite: object) -> str:
     return str(nonfinite)
 
 
+_INT_DTYPES = frozenset({torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8})
+
+
 def check_num_batches_tracked(op: str, nbt: object, *, like: torch.Tensor | None = None) -> None:
     """None, or the batch count as torch keeps it: a 0-d integer tensor (on ``like``'s device)."""
     if nbt is None:
@@ -136,7 +139,7 @@ def check_num_batches_tracked(op: str, nbt: object, *, like: torch.Tensor | None
         raise TypeError(f"{op}: expected num_batches_tracked to be a 0-d integer tensor or None, got "
                         f"{type(nbt).__name__} {nbt!r}; pass torch.tensor({nbt!r}) (the count is updated "
                         f"as a tensor, like BatchNorm's buffer)")
-    if nbt.ndim != 0 or nbt.is_floating_point() or nbt.is_complex() or nbt.dtype == torch.bool:
+    if nbt.ndim != 0 or nbt.dtype not in _INT_DTYPES:
         raise ValueError(f"{op}: expected num_batches_tracked to be a 0-d integer tensor, got shape "
                          f"{tuple(nbt.shape)} and dtype {nbt.dtype}; use torch.tensor(0) at the start")
     if like is not None and nbt.device != like.device:
@@ -146,25 +149,34 @@ def check_num_batches_tracked(op: str, nbt: object, *, like: torch.Tensor | None
 
 def check_distinct(op: str, named: dict[str, torch.Tensor | None]) -> None:
     """No two of the tensors that will be written (or read while others are written) share memory:
-    ``running_mean is running_var`` would fold both updates into one buffer."""
-    items = [(k, t) for k, t in named.items() if isinstance(t, torch.Tensor) and t.numel()]
-    for i, (ka, a) in enumerate(items):
-        for kb, b in items[i + 1:]:
-            # (under torch.compile the tensors are fake, without addresses: identity is what we know)
-            same = a is b if torch.compiler.is_compiling() else a.device == b.device and _shares_memory(a, b)
-            if same:
-                raise ValueError(f"{op}: {ka} and {kb} share memory (the same tensor or views of one); "
-                                 f"each statistic needs its own buffer: pass {kb}.clone()")
+    ``running_mean is running_var`` would fold both updates into one buffer. Runs on every training
+    step, so it compares address ranges (absolute, no storage lookup) and looks at devices only
+    where two ranges meet."""
+    compiling = torch.compiler.is_compiling()  # fake tensors have no addresses: identity is what we know
+    seen: list[tuple[str, torch.Tensor, int, int]] = []
+    for k, t in named.items():
+        if not isinstance(t, torch.Tensor) or not t.numel():
+            continue
+        lo, hi = (0, 0) if compiling else _span(t)
+        for k0, t0, lo0, hi0 in seen:
+            if (t is t0) if compiling else (lo < hi0 and lo0 < hi and t.device == t0.device):
+                raise ValueError(f"{op}: {k0} and {k} share memory (the same tensor or views of one); "
+                                 f"each statistic needs its own buffer: pass {k}.clone()")
+        seen.append((k, t, lo, hi))
 
 
 def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether the address ranges the two can reach intersect (addresses are absolute: no storage
     lookup needed, which keeps this cheap on every training step)."""
-    return _span(a)[0] < _span(b)[1] and _span(b)[0] < _span(a)[1]
+    lo_a, hi_a = _span(a)
+    lo_b, hi_b = _span(b)
+    return lo_a < hi_b and lo_b < hi_a
 
 
 def _span(t: torch.Tensor) -> tuple[int, int]:
     """[first byte, one past the last byte) that ``t``'s elements occupy."""
-    size = t.element_size()
-    lo = t.data_ptr() + sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if st < 0) * size
+    lo, size = t.data_ptr(), t.element_size()
+    if t.is_contiguous():  # the buffers' case
+        return lo, lo + t.nbytes
+    lo += sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if st < 0) * size
     return lo, lo + (sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) + 1) * size
