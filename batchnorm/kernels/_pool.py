@@ -52,10 +52,11 @@ __all__ = ["MIN_BYTES", "clear", "empty_like", "limit", "set_limit", "stats"]
 MIN_BYTES = 1 << 20
 
 _lock = threading.Lock()
-_idle: dict[int, list[np.ndarray]] = {}  # nbytes -> blocks nobody uses
+_Block = tuple[np.ndarray, dict]  # a block and its __array_interface__ (computed once: 5 us a call)
+_idle: dict[int, list[_Block]] = {}  # nbytes -> blocks nobody uses
 # Blocks whose lease died: appended from a deleter (any thread, maybe inside a GC run while this
 # module holds _lock), so without a lock: deque.append/popleft are atomic under the GIL.
-_returned: collections.deque[np.ndarray] = collections.deque()
+_returned: collections.deque[_Block] = collections.deque()
 _held = 0  # bytes of every block the pool owns, idle or leased
 _leased = 0  # blocks handed out and not yet returned
 _CL = {4: torch.channels_last, 5: torch.channels_last_3d}
@@ -66,9 +67,9 @@ class _Lease:
 
     __slots__ = ("__array_interface__", "block")
 
-    def __init__(self, block: np.ndarray) -> None:
+    def __init__(self, block: _Block) -> None:
         self.block = block
-        self.__array_interface__ = block.__array_interface__
+        self.__array_interface__ = block[1]
 
     def __del__(self) -> None:
         returned = globals().get("_returned")  # (None at interpreter shutdown)
@@ -126,19 +127,21 @@ def _drain() -> None:
     while _returned:
         block = _returned.popleft()
         _leased -= 1
+        nbytes = block[0].nbytes
         if _held > _limit:
-            _held -= block.nbytes
+            _held -= nbytes
         else:
-            _idle.setdefault(block.nbytes, []).append(block)
+            _idle.setdefault(nbytes, []).append(block)
 
 
 _ALIGN = 64  # torch's CPU allocator aligns to 64 bytes; the kernels' streaming stores need whole lines
 
 
-def _aligned_block(nbytes: int) -> np.ndarray:
+def _aligned_block(nbytes: int) -> _Block:
     raw = np.empty(nbytes + _ALIGN, dtype=np.uint8)
     start = -raw.ctypes.data % _ALIGN
-    return raw[start:start + nbytes]  # (a view: keeps raw alive)
+    block = raw[start:start + nbytes]  # (a view: keeps raw alive)
+    return block, block.__array_interface__
 
 
 def _standard_strides(x: torch.Tensor) -> bool:
@@ -163,8 +166,8 @@ def empty_like(x: torch.Tensor) -> torch.Tensor:
             return torch.empty_like(x)
         _leased += 1
     # torch.from_numpy keeps the array (and so the lease) until it frees the storage's memory.
-    flat = torch.from_numpy(np.asarray(_Lease(block))).view(x.dtype)
-    return torch.empty(0, dtype=x.dtype).set_(flat.untyped_storage(), 0, x.shape, x.stride())
+    storage = torch.from_numpy(np.asarray(_Lease(block))).untyped_storage()
+    return torch.empty(0, dtype=x.dtype).set_(storage, 0, x.shape, x.stride())
 
 
 def _trim(keep: int) -> None:
