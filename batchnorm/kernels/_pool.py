@@ -31,6 +31,12 @@ output with ``resize_`` (or an ``out=`` of a different size) raises torch's "Try
 storage that is not resizable" (shrinking, views, ``set_``, ``share_memory_`` are unaffected).
 Every reused output is a brand-new tensor (new version counter, no autograd history).
 
+Cost (measured interleaved on the shared, loaded 2-core machine, so ratios only): handing out a
+recycled 1 MiB output takes ~22 µs against ~10 µs for the earlier reference-count pool (which was
+unsafe, see above) — small beside the kernel for such an output; a 128×64×56×56 BatchNormAct2d
+training step (fwd + bwd) measured 244 ms with this pool, 264 ms with the old one, 296 ms for the
+allocation + copy alone with plain ``torch.empty_like`` (fresh pages), i.e. the speed is kept.
+
 Scope: only outputs of at least :data:`MIN_BYTES` with dense standard strides (contiguous or
 channels-last) go through the pool; the pool owns at most :func:`limit` bytes in total (default:
 1/8 of physical memory; env ``BATCHNORM_POOL_MB``; 0 disables it), beyond that outputs are plain
