@@ -22,6 +22,14 @@ from torch import nn
 import batchnorm
 from batchnorm.core.functional import batch_norm_eval, batch_norm_train, update_running_stats
 from batchnorm.family.inplace import inplace_abn_train
+from batchnorm.lifecycle.checkpoint import load_checkpoint, save_checkpoint
+from batchnorm.lifecycle.conventions import load_convention
+from batchnorm.lifecycle.fold import fold_bn
+from batchnorm.lifecycle.freeze import freeze
+
+# (the tools by their module paths: ``batchnorm.recalibrate``/``batchnorm.freeze`` are also the names of
+# the 0.1 module aliases, and become those modules once an old-path import ran in the same process)
+from batchnorm.lifecycle.recalibrate import recalibrate
 
 OUR_ERRORS = (ValueError, TypeError, FloatingPointError)
 _PKG = os.path.dirname(batchnorm.__file__)
@@ -155,34 +163,34 @@ def _tool_case(data, g):
     x = torch.randn(2, 3, 3, 3, generator=g)
     if tool == "fold training":
         model[1].train()
-        call = lambda: batchnorm.fold_bn(model, inplace=True)  # noqa: E731
+        call = lambda: fold_bn(model, inplace=True)  # noqa: E731
     elif tool == "fold inputs tensor":
-        call = lambda: batchnorm.fold_bn(model, inplace=True, example_inputs=x)  # noqa: E731
+        call = lambda: fold_bn(model, inplace=True, example_inputs=x)  # noqa: E731
     elif tool == "recalibrate nan batch":  # non-finite statistics are never written (a layer's policy)
-        call = lambda: batchnorm.recalibrate(model, [x, torch.full_like(x, float("nan"))],  # noqa: E731
+        call = lambda: recalibrate(model, [x, torch.full_like(x, float("nan"))],  # noqa: E731
                                              mode=data.draw(st.sampled_from(["exact", "layerwise", "fast"])),
                                              progress=False)
     elif tool == "recalibrate empty":
-        call = lambda: batchnorm.recalibrate(model, [], progress=False)  # noqa: E731
+        call = lambda: recalibrate(model, [], progress=False)  # noqa: E731
     elif tool == "freeze bad layer":
-        call = lambda: batchnorm.freeze(model, layers=["1", "nope"])  # noqa: E731
+        call = lambda: freeze(model, layers=["1", "nope"])  # noqa: E731
     elif tool == "freeze train_affine":
-        call = lambda: batchnorm.freeze(model, train_affine="yes")  # noqa: E731
+        call = lambda: freeze(model, train_affine="yes")  # noqa: E731
     elif tool == "load mismatched":
         other = nn.Sequential(nn.Conv2d(3, c + 1, 1), nn.BatchNorm2d(c + 1))
         fd, path = tempfile.mkstemp(suffix=".safetensors")
         os.close(fd)
-        batchnorm.save_checkpoint(other, path)
+        save_checkpoint(other, path)
 
         def call():
             try:
-                batchnorm.load_checkpoint(model, path)
+                load_checkpoint(model, path)
             finally:
                 os.unlink(path)
     elif tool == "save bad metadata":
-        call = lambda: batchnorm.save_checkpoint(model, os.devnull + ".x", metadata={"epoch": 3})  # noqa: E731
+        call = lambda: save_checkpoint(model, os.devnull + ".x", metadata={"epoch": 3})  # noqa: E731
     else:
-        call = lambda: batchnorm.load_convention(model[1], {"gamma": [1.0] * (c + 1), "beta": [0.0] * c,  # noqa: E731
+        call = lambda: load_convention(model[1], {"gamma": [1.0] * (c + 1), "beta": [0.0] * c,  # noqa: E731
                                                            "moving_mean": [0.0] * c,
                                                            "moving_variance": [1.0] * c}, "keras")
     modes = [m.training for m in model.modules()]

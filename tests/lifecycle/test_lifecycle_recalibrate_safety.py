@@ -11,6 +11,7 @@ from helpers.util import assert_close
 from torch import nn
 
 import batchnorm
+from batchnorm.lifecycle.recalibrate import recalibrate
 
 
 def _data(n=3, seed=0):
@@ -28,7 +29,7 @@ def test_an_inplace_first_layer_never_alters_the_calibration_data():
     model = nn.Sequential(batchnorm.InPlaceABN2d(3), nn.Conv2d(3, 3, 1), batchnorm.BatchNorm2d(3))
     data = _data()
     kept = [d.clone() for d in data]
-    report = batchnorm.recalibrate(model, data, progress=False)
+    report = recalibrate(model, data, progress=False)
     assert report.passes == 2
     assert all(torch.equal(a, b) for a, b in zip(data, kept, strict=True)), "recalibrate wrote into the data"
     # the first layer's statistics are exactly those of the untouched data (float64 oracle)
@@ -45,11 +46,11 @@ def _with_nan_batch():
 
 def test_skip_leaves_the_nan_batch_out_and_reports_it():
     model = _model("skip")
-    report = batchnorm.recalibrate(model, _with_nan_batch(), progress=False)
+    report = recalibrate(model, _with_nan_batch(), progress=False)
     assert report.nonfinite_batches == {"1": 1}
     good = [d for i, d in enumerate(_with_nan_batch()) if i != 1]
     ref = _model("skip")
-    batchnorm.recalibrate(ref, good, progress=False)
+    recalibrate(ref, good, progress=False)
     assert torch.equal(model[1].running_mean, ref[1].running_mean)
     assert torch.equal(model[1].running_var, ref[1].running_var)
     assert int(model[1].num_batches_tracked) == 2
@@ -63,7 +64,7 @@ def test_raise_and_update_never_write_nan_statistics(policy, err, match):
     model = _model(policy)
     before = snapshot(model)
     with pytest.raises(err, match=match):
-        batchnorm.recalibrate(model, _with_nan_batch(), progress=False)
+        recalibrate(model, _with_nan_batch(), progress=False)
     assert_state_unchanged(before, model, policy)
 
 
@@ -72,5 +73,5 @@ def test_torch_layers_refuse_nan_statistics_too():
     model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))
     before = snapshot(model)
     with pytest.raises(ValueError, match="not finite"):
-        batchnorm.recalibrate(model, _with_nan_batch(), mode="fast", progress=False)
+        recalibrate(model, _with_nan_batch(), mode="fast", progress=False)
     assert_state_unchanged(before, model, "torch BN")
