@@ -76,7 +76,7 @@ from .lifecycle.checkpoint import load_checkpoint, read_checkpoint, save_checkpo
 from .lifecycle.conventions import export_convention, load_convention
 from .lifecycle.convert import convert_to_batchnorm, convert_to_torch
 from .lifecycle.diagnostics import BNDiagnostics, Watch, diagnose
-from .lifecycle.fold import find_foldable, fold_bn, fold_conv_bn
+from .lifecycle.fold import FoldWarning, find_foldable, fold_bn, fold_conv_bn
 from .lifecycle.freeze import FrozenBatchNorm, freeze, unfreeze
 from .lifecycle.recalibrate import RecalibrationReport, recalibrate
 from .lifecycle.residual import (
@@ -153,6 +153,7 @@ __all__ = [
     "BatchRenorm1d",
     "BatchRenorm2d",
     "BatchRenorm3d",
+    "FoldWarning",
     "FrozenBatchNorm",
     "GhostBatchNorm1d",
     "GhostBatchNorm2d",

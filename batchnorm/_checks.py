@@ -47,6 +47,9 @@ def check_input(
         elif x.ndim not in _MODULE_FOR_RANK:
             hint = "; batch norm takes inputs of rank 2 to 5 with channels on one axis"
         raise ValueError(f"{op}: expected {want} input, got {x.ndim}-D input of shape {tuple(x.shape)}{hint}")
+    if isinstance(channel_axis, bool) or not isinstance(channel_axis, int):
+        raise TypeError(f"{op}: expected channel_axis to be an int, got {channel_axis!r} "
+                        f"({type(channel_axis).__name__}); use 1 for channels-first or -1 for channels-last")
     if not -x.ndim <= channel_axis < x.ndim:
         raise ValueError(f"{op}: channel_axis={channel_axis} is out of range for a {x.ndim}-D input; "
                          f"use 1 for channels-first or -1 for channels-last")
@@ -150,3 +153,57 @@ def check_mask(op: str, mask: object, x: torch.Tensor, axis: int) -> torch.Tenso
         raise ValueError(f"{op}: the mask is on {mask.device} but the input is on {x.device}; move it "
                          f"with mask.to(x.device)")
     return mask
+
+
+_INT_DTYPES = frozenset({torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8})
+
+
+def check_num_batches_tracked(op: str, nbt: object, *, like: torch.Tensor | None = None) -> None:
+    """None, or the batch count as torch keeps it: a 0-d integer tensor (on ``like``'s device)."""
+    if nbt is None:
+        return
+    if not isinstance(nbt, torch.Tensor):
+        raise TypeError(f"{op}: expected num_batches_tracked to be a 0-d integer tensor or None, got "
+                        f"{type(nbt).__name__} {nbt!r}; pass torch.tensor({nbt!r}) (the count is updated "
+                        f"as a tensor, like BatchNorm's buffer)")
+    if nbt.ndim != 0 or nbt.dtype not in _INT_DTYPES:
+        raise ValueError(f"{op}: expected num_batches_tracked to be a 0-d integer tensor, got shape "
+                         f"{tuple(nbt.shape)} and dtype {nbt.dtype}; use torch.tensor(0) at the start")
+    if like is not None and nbt.device != like.device:
+        raise ValueError(f"{op}: num_batches_tracked is on {nbt.device} but the statistics are on "
+                         f"{like.device}; move them to one device")
+
+
+def check_distinct(op: str, named: dict[str, torch.Tensor | None]) -> None:
+    """No two of the tensors that will be written (or read while others are written) share memory:
+    ``running_mean is running_var`` would fold both updates into one buffer. Runs on every training
+    step, so it compares address ranges (absolute, no storage lookup) and looks at devices only
+    where two ranges meet."""
+    compiling = torch.compiler.is_compiling()  # fake tensors have no addresses: identity is what we know
+    seen: list[tuple[str, torch.Tensor, int, int]] = []
+    for k, t in named.items():
+        if not isinstance(t, torch.Tensor) or not t.numel():
+            continue
+        lo, hi = (0, 0) if compiling else _span(t)
+        for k0, t0, lo0, hi0 in seen:
+            if (t is t0) if compiling else (lo < hi0 and lo0 < hi and t.device == t0.device):
+                raise ValueError(f"{op}: {k0} and {k} share memory (the same tensor or views of one); "
+                                 f"each statistic needs its own buffer: pass {k}.clone()")
+        seen.append((k, t, lo, hi))
+
+
+def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the address ranges the two can reach intersect (addresses are absolute: no storage
+    lookup needed, which keeps this cheap on every training step)."""
+    lo_a, hi_a = _span(a)
+    lo_b, hi_b = _span(b)
+    return lo_a < hi_b and lo_b < hi_a
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """[first byte, one past the last byte) that ``t``'s elements occupy."""
+    lo, size = t.data_ptr(), t.element_size()
+    if t.is_contiguous():  # the buffers' case
+        return lo, lo + t.nbytes
+    lo += sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if st < 0) * size
+    return lo, lo + (sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) + 1) * size

@@ -39,11 +39,13 @@ import torch
 from .._checks import (
     check_activation,
     check_channel_tensor,
+    check_distinct,
     check_eps,
     check_input,
     check_mask,
     check_momentum,
     check_nonfinite,
+    check_num_batches_tracked,
     check_tensor,
 )
 from ..stats import acc_dtype, masked_moments
@@ -101,9 +103,12 @@ def moments(
         if x.ndim < 2:
             raise ValueError(f"{op}: default axes need an input of rank >= 2, got {x.ndim}-D; pass axes=")
         axes = [d for d in range(x.ndim) if d != 1]
+    if isinstance(axes, (int, torch.Tensor)) or not isinstance(axes, Sequence):
+        raise TypeError(f"{op}: expected axes to be a list or tuple of ints, got {axes!r}; for one axis "
+                        f"write axes=[{axes!r}]")
     dims = []
     for a in axes:
-        if not isinstance(a, int) or not -x.ndim <= a < x.ndim:
+        if isinstance(a, bool) or not isinstance(a, int) or not -x.ndim <= a < x.ndim:
             raise ValueError(f"{op}: axis {a!r} is out of range for a {x.ndim}-D input; give ints in "
                              f"[{-x.ndim}, {x.ndim - 1}]")
         dims.append(a % x.ndim)
@@ -168,6 +173,9 @@ def batch_norm(
                 raise TypeError(f"{op}: {name} is required (a tensor broadcastable to the input)")
             continue
         t = check_tensor(op, t, name)
+        if t.device != x.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but the input is on {x.device}; move them to "
+                             f"one device")
         try:
             torch.broadcast_shapes(t.shape, x.shape)
         except RuntimeError:
@@ -234,6 +242,8 @@ def update_running_stats(
     modules use it: about 25 µs less per training step of a small layer). ``batch_mean`` and
     ``batch_var`` are never written.
     """
+    _check_update_args(running_mean, running_var, batch_mean, batch_var, n, momentum, num_batches_tracked,
+                       unbiased, inplace)
     if momentum is None:
         if num_batches_tracked is None:
             raise ValueError("batchnorm.update_running_stats: momentum=None (cumulative average) needs "
@@ -262,6 +272,33 @@ def update_running_stats(
     return RunningStats(new_mean, new_var, nbt)
 
 
+def _check_update_args(running_mean, running_var, batch_mean, batch_var, n, momentum, num_batches_tracked,
+                       unbiased, inplace) -> None:
+    """Every argument of :func:`update_running_stats`, checked before anything is computed or written."""
+    op = "batchnorm.update_running_stats"
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if not isinstance(t, torch.Tensor) or t.ndim != 1:
+            raise TypeError(f"{op}: expected {name} to be a 1-D tensor of C values, got "
+                            f"{type(t).__name__}{'' if not isinstance(t, torch.Tensor) else tuple(t.shape)}")
+    c = running_mean.shape[0]
+    for name, t in (("running_var", running_var), ("batch_mean", batch_mean), ("batch_var", batch_var)):
+        check_channel_tensor(op, name, t, c, x=running_mean)
+    check_channel_tensor(op, "running_mean", running_mean, c)
+    for name, t in (("batch_mean", batch_mean), ("batch_var", batch_var)):
+        if t is None:
+            raise TypeError(f"{op}: {name} is required (the batch statistic of shape ({c},))")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"{op}: expected n (values per channel in the batch) to be an int >= 1, got {n!r}")
+    check_momentum(op, momentum)
+    check_num_batches_tracked(op, num_batches_tracked, like=running_mean)
+    if not isinstance(unbiased, bool) or not isinstance(inplace, bool):
+        raise TypeError(f"{op}: expected unbiased and inplace to be True or False, got {unbiased!r} and "
+                        f"{inplace!r}")
+    if inplace:
+        check_distinct(op, {"running_mean": running_mean, "running_var": running_var,
+                            "num_batches_tracked": num_batches_tracked})
+
+
 def _check_train_args(op, x, axis, running_mean, running_var, weight, bias, *, eps, momentum, activation,
                       negative_slope, nonfinite, num_batches_tracked, check_act=check_activation):
     """The argument checks every training op shares (after ``check_input``); raises before any state
@@ -279,6 +316,10 @@ def _check_train_args(op, x, axis, running_mean, running_var, weight, bias, *, e
     if momentum is None and running_mean is not None and num_batches_tracked is None:
         raise ValueError(f"{op}: momentum=None (cumulative average) needs num_batches_tracked; pass the "
                          f"count of batches seen so far (torch.tensor(0) at the start)")
+    if running_mean is not None:  # what an update writes: validated here, before the first write
+        check_num_batches_tracked(op, num_batches_tracked, like=running_mean)
+        check_distinct(op, {"running_mean": running_mean, "running_var": running_var,
+                            "num_batches_tracked": num_batches_tracked})
     return eps, momentum, act, slope, nonfinite
 
 

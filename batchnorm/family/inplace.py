@@ -176,6 +176,36 @@ def _saved_by_producer(x: torch.Tensor) -> str | None:
     return None
 
 
+_EXACT_OVERLAP_MAX = 1 << 16  # elements up to which an unproven layout is checked exactly
+
+
+def _may_overlap(x: torch.Tensor) -> bool:
+    """Whether two elements of ``x`` may share memory (torch has no public internal-overlap check
+    for non-zero strides: ``as_strided`` views pass its own ``assert_no_internal_overlap``).
+
+    Proof of no overlap: with the dimensions of size > 1 sorted by stride, each stride exceeds the
+    largest offset reachable by the smaller ones (``stride_i > Σ_j<i stride_j·(size_j − 1)``), so
+    every index tuple has its own offset (mixed-radix argument). Layouts that fail the proof are
+    checked exactly (distinct offsets) up to :data:`_EXACT_OVERLAP_MAX` elements, beyond that
+    treated as overlapping (the error says how to proceed)."""
+    if x.is_contiguous() or x.numel() <= 1:
+        return False
+    dims = sorted((abs(st), n) for st, n in zip(x.stride(), x.shape) if n > 1)
+    reach = 0
+    for st, n in dims:
+        if st <= reach:
+            break
+        reach += st * (n - 1)
+    else:
+        return False
+    if x.numel() > _EXACT_OVERLAP_MAX:
+        return True
+    offsets = torch.zeros((), dtype=torch.int64)
+    for st, n in zip(x.stride(), x.shape):
+        offsets = (offsets.unsqueeze(-1) + torch.arange(n, dtype=torch.int64) * st).reshape(-1)
+    return int(torch.unique(offsets).numel()) != x.numel()
+
+
 def _check_inplace_target(op: str, x: torch.Tensor) -> None:
     """Reject writing into ``x`` where it would corrupt a tensor that is still needed. Writes nothing."""
     if torch.is_grad_enabled() and x.requires_grad:
@@ -187,9 +217,10 @@ def _check_inplace_target(op: str, x: torch.Tensor) -> None:
         if base is not None and base.is_leaf and base.requires_grad:
             raise ValueError(f"{op}: inplace=True would overwrite a view of a leaf tensor that requires "
                              f"grad; pass inplace=False, or clone the input first")
-    if any(s == 0 and n > 1 for s, n in zip(x.stride(), x.shape)):
+    if _may_overlap(x):
         raise ValueError(f"{op}: inplace=True cannot write into an input whose elements share memory "
-                         f"(stride 0 on a dimension of size > 1, e.g. from expand()); pass inplace=False "
+                         f"(strides {tuple(x.stride())} for shape {tuple(x.shape)}, e.g. from expand() or "
+                         f"as_strided()): writing one element would change another. Pass inplace=False "
                          f"or .contiguous() the input first")
     if x.requires_grad and torch.is_grad_enabled():
         producer = _saved_by_producer(x)
@@ -489,8 +520,16 @@ def _train(op, x, running_mean, running_var, weight, bias, *, momentum, eps, num
     old = RunningStats(running_mean, running_var, num_batches_tracked)
     if running_mean is None or _skip_nonfinite(op, nonfinite, mean, var, note=" (the output was written)"):
         return y, old
-    return y, update_running_stats(running_mean, running_var, mean, var, x.numel() // c, momentum,
-                                   num_batches_tracked, running_var_unbiased)
+    new = update_running_stats(running_mean, running_var, mean, var, x.numel() // c, momentum,
+                               num_batches_tracked, running_var_unbiased)
+    # The policy judges what would be stored: the statistics come in float64, and a finite input whose
+    # variance overflows the buffers' dtype (x * 1e20 in float32) would store inf.
+    if _skip_nonfinite(op, nonfinite, new.mean, new.var,
+                       subject=f"the running statistics this batch would store ({running_var.dtype})",
+                       cause="finite input whose mean or variance overflows that dtype, e.g. values near "
+                             "1e20 in float32", note=" (the output was written)"):
+        return y, old
+    return y, new
 
 
 def _eval(op, x, mean, var, weight, bias, *, eps, channel_axis, activation, negative_slope, inplace,

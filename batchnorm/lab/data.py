@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,11 +85,57 @@ def _open(path: str | os.PathLike) -> BinaryIO:
     return open(p, "rb")  # handed to the caller, who closes it
 
 
+_DECOMPRESS_ERRORS = (OSError, EOFError, zlib.error)  # gzip.BadGzipFile is an OSError; bad deflate data: zlib
+_GZIP_MAX_RATIO = 1032  # deflate cannot expand more than ~1032:1: what a .gz of n bytes can hold
+_MAX_NDIM = 64  # NumPy's limit on dimensions
+_CHUNK = 16 << 20  # read in pieces: a lying header must not make us allocate what it declares
+
+
+def _capacity(path: str | os.PathLike) -> tuple[int, str]:
+    """Most payload bytes the file at ``path`` can hold, and how that was judged (for messages)."""
+    p = Path(path).expanduser()
+    size = p.stat().st_size
+    with open(p, "rb") as f:
+        gz = f.read(2) == _GZIP_MAGIC
+    if gz:
+        most = size * _GZIP_MAX_RATIO
+        return most, f"a {size}-byte .gz file decompresses to at most {most}"
+    return size, f"the file has {size} bytes"
+
+
+def _declared_bytes(name: str, dtype: np.dtype, shape: tuple[int, ...], capacity: tuple[int, str]) -> int:
+    """The payload size the header declares (exact Python ints: no int64 overflow), bounded by what
+    the file can really hold — checked before anything of that size is allocated."""
+    expected = dtype.itemsize
+    for d in shape:
+        expected *= d
+    if expected > capacity[0]:
+        raise IdxFormatError(f"read_idx: {name}: truncated payload or corrupt header: dimensions {shape} of "
+                             f"{dtype.name} need {expected} bytes of data, but {capacity[1]}; re-copy or "
+                             f"re-download the file")
+    return expected
+
+
+def _read_up_to(f: BinaryIO, n: int, name: str) -> bytes:
+    parts, left = [], n
+    try:
+        while left > 0:
+            part = f.read(min(left, _CHUNK))
+            if not part:
+                break
+            parts.append(part)
+            left -= len(part)
+    except _DECOMPRESS_ERRORS as e:
+        raise IdxFormatError(f"read_idx: {name}: cannot decompress ({type(e).__name__}: {e}); the .gz file "
+                             f"is damaged or cut off: re-copy or re-download it") from None
+    return b"".join(parts)
+
+
 def read_idx_header(f: BinaryIO, name: str = "<stream>") -> tuple[np.dtype, tuple[int, ...]]:
     """Read and check the magic number and dimensions; leaves ``f`` at the first value."""
     try:
         magic = f.read(4)
-    except (OSError, EOFError) as e:  # broken gzip stream
+    except _DECOMPRESS_ERRORS as e:  # broken gzip stream
         raise IdxFormatError(f"read_idx: {name}: cannot decompress ({e}); the .gz file is damaged") from None
     if len(magic) < 4:
         raise IdxFormatError(f"read_idx: {name}: truncated header: expected 4 magic bytes, got {len(magic)}; "
@@ -104,7 +151,14 @@ def read_idx_header(f: BinaryIO, name: str = "<stream>") -> tuple[np.dtype, tupl
     if ndim == 0:
         raise IdxFormatError(f"read_idx: {name}: the magic number 0x{magic.hex()} declares 0 dimensions; "
                              f"expected at least 1 (labels: 1, images: 3)")
-    raw = f.read(4 * ndim)
+    if ndim > _MAX_NDIM:
+        raise IdxFormatError(f"read_idx: {name}: the magic number 0x{magic.hex()} declares {ndim} "
+                             f"dimensions; at most {_MAX_NDIM} can be read (NumPy's limit; images have 3, "
+                             f"labels 1): the header is corrupt")
+    try:
+        raw = f.read(4 * ndim)
+    except _DECOMPRESS_ERRORS as e:
+        raise IdxFormatError(f"read_idx: {name}: cannot decompress ({e}); the .gz file is damaged") from None
     if len(raw) < 4 * ndim:
         raise IdxFormatError(f"read_idx: {name}: truncated header: {ndim} dimensions need {4 * ndim} bytes, "
                              f"got {len(raw)}")
@@ -134,18 +188,17 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     name = str(path)
     with _open(path) as f:
         dtype, shape = read_idx_header(f, name)
-        expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        try:
-            payload = f.read(expected + 1)
-        except (OSError, EOFError) as e:
-            raise IdxFormatError(f"read_idx: {name}: cannot decompress ({e}); the .gz file is damaged or cut "
-                                 f"off") from None
+        expected = _declared_bytes(name, dtype, shape, _capacity(path))
+        payload = _read_up_to(f, expected + 1, name)
     if len(payload) != expected:
         got = len(payload)
-        if got > expected:  # count the whole surplus for the message
+        if got > expected:  # count the whole surplus for the message (bounded: the file's own size)
             with _open(path) as f:
                 read_idx_header(f, name)
-                got = len(f.read())
+                got = expected
+                while chunk := _read_up_to(f, _CHUNK, name):
+                    got += len(chunk)
+                got -= expected
         raise _payload_error(name, dtype, shape, expected, got)
     return np.frombuffer(payload, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
 
@@ -161,21 +214,17 @@ def iter_idx(path: str | os.PathLike, chunk_size: int = 4096) -> Iterator[np.nda
         raise ValueError(f"iter_idx: expected chunk_size to be a positive int, got {chunk_size!r}")
     with _open(path) as f:
         dtype, shape = read_idx_header(f, name)
-        rec = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
-        expected = shape[0] * rec
+        expected = _declared_bytes(name, dtype, shape, _capacity(path))
+        rec = expected // shape[0] if shape[0] else 0
         seen = 0
         for start in range(0, shape[0], chunk_size):
             k = min(chunk_size, shape[0] - start)
-            try:
-                buf = f.read(k * rec)
-            except (OSError, EOFError) as e:
-                raise IdxFormatError(f"read_idx: {name}: cannot decompress ({e}); the .gz file is damaged or "
-                                     f"cut off") from None
+            buf = _read_up_to(f, k * rec, name)
             seen += len(buf)
             if len(buf) < k * rec:
                 raise _payload_error(name, dtype, shape, expected, seen)
             yield np.frombuffer(buf, dtype=dtype).reshape((k, *shape[1:])).astype(dtype.newbyteorder("="))
-        extra = len(f.read())
+        extra = len(_read_up_to(f, _CHUNK, name))
         if extra:
             raise _payload_error(name, dtype, shape, expected, expected + extra)
 
@@ -265,10 +314,18 @@ def stratified_split(y: np.ndarray, test_fraction: float = 0.25,
 
 
 def _as_images(a: np.ndarray, name: str) -> np.ndarray:
-    if a.ndim == 3:
-        return a[:, None]
-    if a.ndim == 4:
-        return a
+    if a.ndim in (3, 4):
+        if a.shape[0] == 0:
+            raise IdxFormatError(f"load_idx_dataset: {name}: holds 0 images (shape {a.shape}); a data set "
+                                 f"needs at least one record per file")
+        if 0 in a.shape[1:]:
+            raise IdxFormatError(f"load_idx_dataset: {name}: images of shape {a.shape[1:]} have no pixels; "
+                                 f"the header's dimensions are wrong")
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            bad = int((~np.isfinite(a)).sum())
+            raise IdxFormatError(f"load_idx_dataset: {name}: {bad} pixel value(s) are NaN or infinite; clean "
+                                 f"the images (e.g. np.nan_to_num) before writing the IDX file")
+        return a[:, None] if a.ndim == 3 else a
     raise IdxFormatError(f"load_idx_dataset: {name}: expected images of 3 dimensions (N, H, W) or 4 "
                          f"(N, C, H, W), got {a.ndim} dimensions {a.shape}; is this a labels file?")
 
@@ -279,9 +336,20 @@ def _check_labels(a: np.ndarray, name: str) -> np.ndarray:
                              f"{a.shape}; is this an images file?")
     if a.dtype.kind not in "iu":
         raise IdxFormatError(f"load_idx_dataset: {name}: expected integer labels, got dtype {a.dtype}")
-    if a.size and a.min() < 0:
+    if a.size == 0:
+        raise IdxFormatError(f"load_idx_dataset: {name}: holds 0 labels; a data set needs at least one "
+                             f"record")
+    if a.min() < 0:
         raise IdxFormatError(f"load_idx_dataset: {name}: labels must be >= 0, found {int(a.min())}")
+    if a.max() >= MAX_CLASSES:
+        raise IdxFormatError(f"load_idx_dataset: {name}: found label {int(a.max())}, but labels are class "
+                             f"indices 0..C-1 and the lab builds one output per class (at most "
+                             f"{MAX_CLASSES}); the labels file is corrupt or not a labels file")
     return a.astype(np.int64)
+
+
+#: Largest number of classes a labels file may imply (a label of 2e9 would mean a 2e9-way classifier).
+MAX_CLASSES = 1 << 16
 
 
 _STANDARD = {

@@ -10,12 +10,17 @@ statistics are easy to lose or mix up, so this module adds
 * **metadata in the header** (string values, as safetensors requires): ``format`` =
   ``"batchnorm.checkpoint"``, ``format_version`` (currently ``"1"``), ``bn_conventions`` — a JSON
   object giving, per BN layer, its class, ``eps``, ``momentum``, ``running_var_unbiased``,
-  ``channel_axis``, activation — a ``sha256`` of all tensor bytes, and your own entries (``user.*``);
+  ``channel_axis``, activation — a ``sha256`` of all tensor bytes **and of every other header
+  entry** (format version 2; version-1 files, whose digest covers only the tensors, still load),
+  JSON-serialisable ``get_extra_state()`` values (``extra_state``), and your own entries (``user.*``);
 * **validation before any copy**: a truncated or corrupted file (bad header, bytes that do not match
   the digest), missing or unexpected keys, a shape or dtype that differs from the model, or BN
   conventions that differ from the model's layers raise a ValueError that lists every problem, and
   the model is left unchanged. Writes go to a temporary file that is renamed into place, so an
-  interrupted save never leaves a half-written checkpoint under the target name.
+  interrupted save never leaves a half-written checkpoint under the target name — with the file
+  properties ``open(path, "wb")`` would give: a new file gets ``0o666 & ~umask``, an overwritten one
+  keeps its mode, a target you may not write is refused (PermissionError, nothing written), and a
+  symlink is followed (its target is replaced, the link stays).
 
 Example:
     >>> save_checkpoint(model, "model.safetensors", metadata={"epoch": "12"})
@@ -33,7 +38,7 @@ import math
 import os
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +50,7 @@ from ..core import _bnlayers
 __all__ = ["FORMAT", "FORMAT_VERSION", "Checkpoint", "load_checkpoint", "read_checkpoint", "save_checkpoint"]
 
 FORMAT = "batchnorm.checkpoint"  # the file-format tag of 0.1: never renamed with the module
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the digest covers the header too
 _CONVENTION_KEYS = ("eps", "running_var_unbiased", "channel_axis", "activation", "negative_slope")
 
 
@@ -57,6 +62,7 @@ class Checkpoint:
     bn_conventions: dict[str, dict[str, Any]]
     metadata: dict[str, str]
     format_version: int
+    extra_state: dict[str, Any] = field(default_factory=dict)  # state_dict entries that are no tensors
 
 
 def _bn_conventions(model: nn.Module) -> dict[str, dict[str, Any]]:
@@ -78,8 +84,13 @@ def _bn_conventions(model: nn.Module) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _digest(tensors: Mapping[str, torch.Tensor]) -> str:
+def _digest(tensors: Mapping[str, torch.Tensor], header: Mapping[str, str] | None = None) -> str:
+    """sha256 of every tensor (name, dtype, shape, bytes) and, from version 2, every header entry but
+    the digest itself (canonical JSON), so a flipped bit in metadata or conventions is caught."""
     h = hashlib.sha256()
+    if header is not None:
+        rest = {k: v for k, v in header.items() if k != "sha256"}
+        h.update(json.dumps(rest, sort_keys=True).encode() + b"|")
     for k in sorted(tensors):
         t = tensors[k]
         h.update(f"{k}|{t.dtype!s}|{tuple(t.shape)}|".encode())
@@ -108,8 +119,17 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, metadata: Mapp
         if not isinstance(k, str) or not isinstance(v, str):
             raise TypeError(f"{op}: metadata must map str to str (the safetensors header holds strings), got "
                             f"{k!r}: {type(v).__name__}; convert values with str() or json.dumps()")
+    state = model.state_dict()
+    extra = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}  # get_extra_state()
+    try:
+        extra_json = json.dumps(extra, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{op}: the state_dict entries {sorted(extra)} are not tensors (a module's "
+                        f"get_extra_state()) and not JSON-serialisable ({e}); a safetensors checkpoint holds "
+                        f"tensors and strings only: return plain JSON values from get_extra_state, or use "
+                        f"torch.save") from None
     # clone: tied weights share storage, which safetensors refuses; each key gets its own copy
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items() if k not in extra}
     for k, t in tensors.items():
         if t.is_sparse or t.layout != torch.strided:
             raise ValueError(f"{op}: state_dict entry {k!r} is not a dense tensor ({t.layout}); safetensors "
@@ -118,18 +138,45 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, metadata: Mapp
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
         "bn_conventions": json.dumps(_bn_conventions(model), sort_keys=True),
-        "sha256": _digest(tensors),
+        **({"extra_state": extra_json} if extra else {}),
         **{f"user.{k}": v for k, v in user.items()},
     }
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or Path("."))
+    header["sha256"] = _digest(tensors, header)
+    path = Path(os.path.realpath(path))  # a symlink: write its target, as open() would
+    if path.is_dir():
+        raise IsADirectoryError(f"{op}: {str(path)!r} is a directory; give a file name")
+    if path.exists():
+        if not os.access(path, os.W_OK):
+            raise PermissionError(f"{op}: {str(path)!r} is not writable (mode "
+                                  f"{path.stat().st_mode & 0o777:o}); torch.save and open() would refuse it "
+                                  f"too: chmod u+w it or save elsewhere")
+        mode = path.stat().st_mode & 0o7777
+    else:
+        mode = 0o666 & ~_umask()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=header)
+        os.chmod(tmp, mode)  # mkstemp makes 0600: give the file the mode open() would have
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (os.umask can only be read by setting it, which
+    would race with other threads creating files)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
 
 
 def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
@@ -142,7 +189,11 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{op}: no checkpoint file at {str(path)!r}")
+        what = "a directory, not a file" if path.is_dir() else "no checkpoint file"
+        raise FileNotFoundError(f"{op}: {what} at {str(path)!r}")
+    if not os.access(path, os.R_OK):
+        raise PermissionError(f"{op}: {str(path)!r} exists but is not readable (mode "
+                              f"{path.stat().st_mode & 0o777:o}); chmod u+r it")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             header = dict(f.metadata() or {})
@@ -163,18 +214,53 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if version > FORMAT_VERSION or version < 1:
         raise ValueError(f"{op}: {str(path)!r} has format_version {version}, this version of batchnorm reads "
                          f"1..{FORMAT_VERSION}; upgrade the batchnorm package")
-    if header.get("sha256") != _digest(tensors):
-        raise ValueError(f"{op}: {str(path)!r} is corrupted: its tensor bytes do not match the sha256 digest "
+    if header.get("sha256") != _digest(tensors, header if version >= 2 else None):
+        covered = "tensor bytes or header entries do" if version >= 2 else "tensor bytes do"
+        raise ValueError(f"{op}: {str(path)!r} is corrupted: its {covered} not match the sha256 digest "
                          f"in its header. Restore the file from a good copy")
     try:
         conventions = json.loads(header.get("bn_conventions", "{}"))
-        if not isinstance(conventions, dict):
+        extra = json.loads(header.get("extra_state", "{}"))
+        if not isinstance(conventions, dict) or not isinstance(extra, dict):
             raise ValueError
     except ValueError:
-        raise ValueError(f"{op}: {str(path)!r} has an unreadable bn_conventions entry in its header"
-                         ) from None
+        raise ValueError(f"{op}: {str(path)!r} has an unreadable bn_conventions or extra_state entry in its "
+                         f"header") from None
+    bad = [p for name, entry in conventions.items() for p in _convention_problems(name, entry)]
+    if bad:
+        raise ValueError(f"{op}: {str(path)!r} has malformed bn_conventions: {'; '.join(bad[:10])}")
     user = {k[len("user."):]: v for k, v in header.items() if k.startswith("user.")}
-    return Checkpoint(tensors=tensors, bn_conventions=conventions, metadata=user, format_version=version)
+    return Checkpoint(tensors=tensors, bn_conventions=conventions, metadata=user, format_version=version,
+                      extra_state=extra)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# key -> (test, what it must be) for one entry of bn_conventions (what _bn_conventions writes)
+_CONVENTION_TYPES = {
+    "class": (lambda v: isinstance(v, str), "a string"),
+    "num_features": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
+    "eps": (lambda v: _is_num(v) and v >= 0, "a number >= 0"),
+    "momentum": (lambda v: v is None or _is_num(v), "null or a number"),
+    "affine": (lambda v: isinstance(v, bool), "true or false"),
+    "track_running_stats": (lambda v: isinstance(v, bool), "true or false"),
+    "running_var_unbiased": (lambda v: isinstance(v, bool), "true or false"),
+    "channel_axis": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "activation": (lambda v: isinstance(v, str), "a string"),
+    "negative_slope": (lambda v: _is_num(v), "a number"),
+}
+
+
+def _convention_problems(name: str, entry: Any) -> list[str]:
+    if not isinstance(entry, dict):
+        return [f"layer {name!r}: expected an object, got {type(entry).__name__}"]
+    out = [f"layer {name!r}: unknown key {k!r}" for k in entry if k not in _CONVENTION_TYPES]
+    out += [f"layer {name!r}: missing {k!r}" for k in _CONVENTION_KEYS if k not in entry]
+    out += [f"layer {name!r}: {k}={entry[k]!r} is not {what}" for k, (ok, what) in _CONVENTION_TYPES.items()
+            if k in entry and not ok(entry[k])]
+    return out
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -198,17 +284,26 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, check_conventi
     op = "load_checkpoint"
     if not isinstance(model, nn.Module):
         raise TypeError(f"{op}: expected a torch.nn.Module, got {type(model).__name__}")
+    meta = [k for k, v in model.state_dict().items() if isinstance(v, torch.Tensor) and v.is_meta]
+    if meta:
+        raise ValueError(f"{op}: {type(model).__name__} has tensors on the meta device ({meta[:3]}...), "
+                         f"which hold no data: copying into them would silently do nothing. Allocate them "
+                         f"first with model.to_empty(device='cpu'), then load")
     ckpt = read_checkpoint(path)
     own = model.state_dict()
+    incoming = {**ckpt.tensors, **ckpt.extra_state}
     problems: list[str] = []
-    missing = [k for k in own if k not in ckpt.tensors]
-    unexpected = [k for k in ckpt.tensors if k not in own]
+    missing = [k for k in own if k not in incoming]
+    unexpected = [k for k in incoming if k not in own]
     if missing:
         problems.append(f"missing keys (in the model, not in the file): {missing}")
     if unexpected:
         problems.append(f"unexpected keys (in the file, not in the model): {unexpected}")
     for k, t in ckpt.tensors.items():
         if k not in own:
+            continue
+        if not isinstance(own[k], torch.Tensor):
+            problems.append(f"{k}: a tensor in the file, extra state ({type(own[k]).__name__}) in the model")
             continue
         if tuple(t.shape) != tuple(own[k].shape):
             problems.append(f"{k}: shape {tuple(t.shape)} in the file, {tuple(own[k].shape)} in the model")
@@ -233,5 +328,5 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, check_conventi
         raise ValueError(f"{op}: {str(path)!r} does not fit {type(model).__name__}, nothing was loaded: "
                          f"{shown}{fix}")
     with torch.no_grad():
-        model.load_state_dict(ckpt.tensors, strict=True)
+        model.load_state_dict(incoming, strict=True)
     return dict(ckpt.metadata)

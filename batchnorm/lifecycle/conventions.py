@@ -125,8 +125,19 @@ def _flatten(op: str, params: object, convention: str) -> dict[str, Any]:
 
 def _as_f64(op: str, name: str, value: object, c: int) -> torch.Tensor:
     try:
-        arr = np.asarray(value.detach().cpu() if isinstance(value, torch.Tensor) else value, dtype=np.float64)
-    except (TypeError, ValueError):
+        raw = np.asarray(value.detach().cpu() if isinstance(value, torch.Tensor) else value)
+        if raw.dtype.kind == "c":  # the cast would drop the imaginary part (with only a ComplexWarning)
+            raise TypeError(f"{op}: {name!r} is complex ({raw.dtype}); BN parameters are real numbers: "
+                            f"pass np.real(...) if the real part is what you mean")
+        if raw.dtype.kind not in "biuf":
+            raise TypeError(f"{op}: {name!r} is not an array of numbers ({type(value).__name__}, dtype "
+                            f"{raw.dtype})")
+        arr = raw.astype(np.float64)
+    except TypeError as e:
+        if str(e).startswith(op):
+            raise
+        raise TypeError(f"{op}: {name!r} is not an array of numbers ({type(value).__name__})") from None
+    except ValueError:
         raise TypeError(f"{op}: {name!r} is not an array of numbers ({type(value).__name__})") from None
     if arr.shape != (c,):
         raise ValueError(f"{op}: expected {name!r} of shape ({c},) for a layer with {c} channels, got shape "

@@ -19,8 +19,9 @@ BN layers: ours (``BatchNorm*``, ``BatchNormAct*`` — the activation stays in p
 :class:`batchnorm.lifecycle.freeze.FrozenBatchNorm`, in eval mode with running statistics. A BN after a
 convolution must normalise channel axis 1; after a ``Linear`` the features are on the last axis,
 which BN sees as axis 1 only for 2-D ``(N, C)`` input (or with ``channel_axis=-1``): a ``Linear`` on
-``(N, L, C)`` followed by ``BatchNorm1d`` normalises L, not C, and is not foldable — the automatic
-search cannot see input ranks, so check such models with ``fold_bn(..., example_inputs=...)``.
+``(N, L, C)`` followed by ``BatchNorm1d`` normalises L, not C, and is not foldable — fx cannot see input
+ranks: with ``example_inputs`` :func:`fold_bn` records them and leaves such a pair (with a warning);
+without, it folds a ``Linear → BN`` pair and warns that the fold is unverified.
 
 Finding the pairs in a whole model (:func:`find_foldable`):
 
@@ -31,7 +32,21 @@ Finding the pairs in a whole model (:func:`find_foldable`):
   Python control flow.
 * ``method="sequential"``: adjacent children of every plain ``nn.Sequential`` (not of subclasses
   that override ``forward``), modules used once in the model.
-* ``method="auto"`` (default): fx, and if tracing fails, sequential.
+* ``method="record"``: one recorded run on ``example_inputs`` (forward hooks): a pair is a BN whose
+  input *is* the tensor a supported layer returned, both called once, that tensor given to no other
+  layer. Works on any model that runs — data-dependent control flow, ``transformers``-style models
+  fx cannot trace — and sees the real ranks (a ``Linear`` on ``(N, L, C)`` before ``BatchNorm1d`` is
+  rejected), and uses of the layer's output outside modules (``bn(a) + a``) through a
+  ``TorchFunctionMode`` (reads of shape or dtype are no uses); the verification on the same inputs
+  checks the rest.
+* ``method="auto"`` (default): fx; if tracing fails, a recorded run when ``example_inputs`` are
+  given, else sequential — and then :func:`fold_bn` warns (:class:`FoldWarning`) naming the BN
+  layers it left, since pairs outside plain ``nn.Sequential`` may have been missed.
+
+What :func:`fold_bn` cannot verify it says: a ``Linear → BN`` pair folded without ``example_inputs``
+(correct only for 2-D input) and every found pair that was rejected raise a :class:`FoldWarning`
+naming the layers. With ``example_inputs`` the folded model's output (tensors, tuples, lists, dicts,
+``ModelOutput``-like mappings) is compared with the original's; any error rolls everything back.
 
 :func:`fold_bn` replaces each folded layer with its folded copy and each BN with ``nn.Identity()``
 (or its activation), keeping the model's class and ``forward`` — the modules are swapped in place of
@@ -42,8 +57,10 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
+import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -51,7 +68,11 @@ from torch import nn
 
 from ..core import _bnlayers
 
-__all__ = ["find_foldable", "fold_bn", "fold_conv_bn"]
+__all__ = ["FoldWarning", "find_foldable", "fold_bn", "fold_conv_bn"]
+
+
+class FoldWarning(UserWarning):
+    """fold_bn left foldable-looking BN layers unfolded, or folded a pair it could not verify."""
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -195,26 +216,157 @@ def _pairs_sequential(model: nn.Module) -> list[tuple[str, str]]:
     return pairs
 
 
-def find_foldable(model: nn.Module, *, method: str = "auto") -> list[tuple[str, str]]:
-    """``(layer name, BN name)`` of every foldable pair in ``model`` (see the module docstring).
+def _pairs_record(model: nn.Module, example_inputs: Sequence[Any],
+                  rejected: dict[str, str] | None = None) -> list[tuple[str, str]]:
+    """Pairs seen in one run of ``model(*example_inputs)`` (module docstring); ``rejected`` gets
+    ``{BN name: why}`` for BN layers fed by a supported layer that cannot be folded."""
+    calls: Counter = Counter()
+    layer_out: dict[str, Any] = {}
+    bn_in: dict[str, Any] = {}
+    used: list[Any] = []  # every tensor a leaf module or a torch function outside one received (kept
+    inside = [0]          # alive, so ids stay unique); depth of leaf-module calls now running
+    handles = []
 
-    Found pairs are structural: :func:`fold_bn` still checks each pair (eval mode, running statistics,
-    channel counts) and raises if one cannot be folded.
-    """
-    op = "find_foldable"
+    def post(name: str, kind: str):
+        def hook(mod, args, out):
+            calls[name] += 1
+            if kind == "layer":
+                layer_out[name] = out
+            elif kind == "bn":
+                bn_in[name] = args[0] if len(args) == 1 and isinstance(args[0], torch.Tensor) else None
+        return hook
+
+    def enter(mod, args):
+        if not inside[0]:
+            used.extend(a for a in args if isinstance(a, torch.Tensor))
+        inside[0] += 1
+
+    def leave(mod, args, out):
+        inside[0] -= 1
+
+    class _Uses(torch.overrides.TorchFunctionMode):
+        """Sees uses outside modules (``bn(a) + a``); metadata reads (shape, dtype) are no uses."""
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if not inside[0] and getattr(func, "__name__", "") not in _METADATA:
+                used.extend(a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+                used.extend(a for v in (*args, *kwargs.values()) if isinstance(v, (tuple, list))
+                            for a in v if isinstance(a, torch.Tensor))
+            return func(*args, **kwargs)
+
+    try:
+        for name, m in model.named_modules():
+            kind = "layer" if _foldable_layer(m) else "bn" if _bnlayers.is_bn(m) else None
+            if kind is not None:
+                handles.append(m.register_forward_hook(post(name, kind)))
+            if kind is not None or next(iter(m.children()), None) is None:
+                handles.append(m.register_forward_pre_hook(enter))
+                handles.append(m.register_forward_hook(leave, always_call=True))
+        with torch.no_grad(), _Uses():
+            model(*example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    pairs = []
+    for bname, t in bn_in.items():
+        src = next((lname for lname, out in layer_out.items() if out is t), None) if t is not None else None
+        if src is None:
+            continue
+        why = None
+        if calls[bname] != 1 or calls[src] != 1:
+            why = "a layer of the pair is called more than once"
+        elif sum(a is t for a in used) != 1:
+            why = f"the output of {src} is also used by another layer"
+        elif isinstance(model.get_submodule(src), nn.Linear) and t.ndim != 2 \
+                and _bnlayers.channel_axis(model.get_submodule(bname)) == 1:
+            why = (f"{src} is a Linear on {t.ndim}-D input: the BN normalises axis 1, not the Linear's "
+                   f"features on the last axis")
+        if why is None:
+            pairs.append((src, bname))
+        elif rejected is not None:
+            rejected[bname] = why
+    return pairs
+
+
+_METADATA = {"__get__", "size", "dim", "numel", "is_contiguous", "stride", "is_floating_point", "type",
+             "is_complex", "element_size", "__len__", "data_ptr", "storage_offset"}
+
+
+def _check_inputs(op: str, model: nn.Module, example_inputs: Any) -> None:
+    if isinstance(example_inputs, torch.Tensor) or not isinstance(example_inputs, (tuple, list)):
+        raise TypeError(f"{op}: example_inputs must be a tuple or list of positional inputs, got "
+                        f"{type(example_inputs).__name__}; for one tensor x pass example_inputs=(x,)")
+    for name, m in _bnlayers.iter_bn(model):
+        frozen = type(m).__name__ == "FrozenBatchNorm"
+        if m.training and getattr(m, "running_mean", None) is not None and not frozen:
+            raise ValueError(f"{op}: BN layer {name or '<model>'} is in training mode: running the model on "
+                             f"example_inputs would update its running statistics; call model.eval() first")
+
+
+def _search(op: str, model: nn.Module, method: str, example_inputs: Any,
+            rejected: dict[str, str] | None = None) -> tuple[list[tuple[str, str]], str]:
+    """(pairs, how they were found: "fx", "record" or "sequential")."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"{op}: expected a torch.nn.Module, got {type(model).__name__}")
-    if method not in ("auto", "fx", "sequential"):
-        raise ValueError(f"{op}: expected method 'auto', 'fx' or 'sequential', got {method!r}")
+    if method not in ("auto", "fx", "sequential", "record"):
+        raise ValueError(f"{op}: expected method 'auto', 'fx', 'record' or 'sequential', got {method!r}")
+    if example_inputs is not None:
+        _check_inputs(op, model, example_inputs)
+    if method == "record" and example_inputs is None:
+        raise ValueError(f"{op}: method='record' runs the model once: pass example_inputs=(x,)")
     if method == "sequential":
-        return _pairs_sequential(model)
+        return _pairs_sequential(model), "sequential"
+    if method == "record":
+        return _pairs_record(model, example_inputs, rejected), "record"
     try:
-        return _pairs_fx(model)
+        return _pairs_fx(model), "fx"
     except Exception as e:  # symbolic tracing fails on data-dependent control flow and exotic code
         if method == "fx":
             raise ValueError(f"{op}: torch.fx could not trace {type(model).__name__} ({type(e).__name__}: "
-                             f"{e}); use method='sequential' (adjacent layers in nn.Sequential)") from e
-        return _pairs_sequential(model)
+                             f"{e}); use method='record' with example_inputs (a recorded run) or "
+                             f"method='sequential' (adjacent layers in nn.Sequential)") from e
+    if example_inputs is not None:
+        return _pairs_record(model, example_inputs, rejected), "record"
+    return _pairs_sequential(model), "sequential"
+
+
+def find_foldable(model: nn.Module, *, method: str = "auto",
+                  example_inputs: Sequence[Any] | None = None) -> list[tuple[str, str]]:
+    """``(layer name, BN name)`` of every foldable pair in ``model`` (see the module docstring).
+
+    Found pairs are structural: :func:`fold_bn` still checks each pair (eval mode, running statistics,
+    channel counts) and raises if one cannot be folded. ``example_inputs`` (a tuple of positional
+    inputs) are needed for ``method="record"`` and used by ``"auto"`` when fx cannot trace.
+    """
+    return _search("find_foldable", model, method, example_inputs)[0]
+
+
+def _mismatch(got: Any, want: Any, atol: float, rtol: float, where: str = "output") -> str | None:
+    """Why two model outputs differ (None: they agree), for tensors in any nesting of containers."""
+    if isinstance(want, torch.Tensor):
+        if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+            return f"{where}: expected a tensor of shape {tuple(want.shape)}, got {type(got).__name__}"
+        if want.is_floating_point() or want.is_complex():
+            if torch.allclose(got, want, atol=atol, rtol=rtol, equal_nan=True):
+                return None
+            return f"{where} differs by up to {(got - want).abs().max().item():.3g}"
+        return None if torch.equal(got, want) else f"{where} differs"
+    if isinstance(want, Mapping):
+        if not isinstance(got, Mapping) or list(got.keys()) != list(want.keys()):
+            return f"{where}: the keys differ"
+        return next((m for k in want
+                     if (m := _mismatch(got[k], want[k], atol, rtol, f"{where}[{k!r}]"))), None)
+    if isinstance(want, (tuple, list)):
+        if not isinstance(got, (tuple, list)) or len(got) != len(want):
+            return f"{where}: expected a sequence of {len(want)} items"
+        return next((m for i, (g, w) in enumerate(zip(got, want, strict=True))
+                     if (m := _mismatch(g, w, atol, rtol, f"{where}[{i}]"))), None)
+    try:
+        same = bool(got == want)
+    except Exception:  # an object without a truth value (e.g. an array): compare the types only
+        same = type(got) is type(want)
+    return None if same else f"{where}: {got!r} != {want!r}"
 
 
 def fold_bn(
@@ -230,23 +382,36 @@ def fold_bn(
 
     Args:
         model: any ``nn.Module`` in eval mode (BN layers in training mode raise; frozen layers fold).
-        method: how to find the pairs: ``"auto"``, ``"fx"`` or ``"sequential"`` (module docstring).
+        method: how to find the pairs: ``"auto"``, ``"fx"``, ``"record"`` or ``"sequential"`` (module
+            docstring).
         inplace: change ``model`` itself; by default a deep copy is folded and returned.
-        example_inputs: optional positional inputs; when given, the folded model's output is compared
-            with the original's and a ValueError is raised (nothing changed) if they differ by more than
-            ``atol + rtol·|y|`` — the check for pairs whose input rank the search cannot see.
+        example_inputs: optional tuple of positional inputs; when given, the pairs' real input ranks
+            are checked, and the folded model's output is compared with the original's: a ValueError
+            is raised (nothing changed) if they differ by more than ``atol + rtol·|y|``.
 
     Returns the folded model (the same class; folded layers replaced, BN layers replaced by
     ``nn.Identity()`` or their fused activation). Pairs are validated and computed before anything is
-    replaced: an error leaves ``model`` unchanged.
+    replaced, and any error afterwards (a failing forward, an output that differs or cannot be
+    compared) restores every replaced module: an error leaves ``model`` unchanged.
+
+    Warns (:class:`FoldWarning`) when it folded a ``Linear → BN`` pair without ``example_inputs``
+    (unverified: correct only for 2-D input), when found pairs were rejected, and when fx could not
+    trace the model and, with no ``example_inputs`` to record a run, BN layers are left.
     """
     op = "fold_bn"
-    pairs = find_foldable(model, method=method)
+    for name, v in (("atol", atol), ("rtol", rtol)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v >= 0 and math.isfinite(v)):
+            raise ValueError(f"{op}: expected {name} a finite number >= 0, got {v!r}")
+    rejected: dict[str, str] = {}
+    pairs, how = _search(op, model, method, example_inputs, rejected)
     folded: list[tuple[str, nn.Module, str, nn.Module]] = []
     for lname, bname in pairs:
         layer, bn = model.get_submodule(lname), model.get_submodule(bname)
         _check_pair(op, layer, bn, where=f"{lname} -> {bname}")
         folded.append((lname, _fold(layer, bn), bname, _activation_module(bn).train(bn.training)))
+    if example_inputs is not None and how != "record":  # fx/sequential cannot see ranks: record them
+        seen = _pairs_record(model, example_inputs, rejected)
+        folded = [f for f in folded if (f[0], f[2]) in seen or f[2] not in rejected]
     want = None
     if example_inputs is not None:
         with torch.no_grad():
@@ -254,23 +419,45 @@ def fold_bn(
     target = model if inplace else copy.deepcopy(model)
     originals = [(lname, target.get_submodule(lname), bname, target.get_submodule(bname))
                  for lname, _, bname, _ in folded]
-    for lname, new_layer, bname, act in folded:
-        _set(target, lname, new_layer)
-        _set(target, bname, act)
-    if want is not None:
-        with torch.no_grad():
-            got = target(*example_inputs)
-        if not torch.allclose(got, want, atol=atol, rtol=rtol):
-            for lname, old_layer, bname, old_bn in originals:  # leave an in-place model as it was
-                _set(target, lname, old_layer)
-                _set(target, bname, old_bn)
-            err = (got - want).abs().max().item()
-            raise ValueError(f"{op}: the folded model's output differs from the original's by up to "
-                             f"{err:.3g} (atol={atol}, rtol={rtol}); a found pair is not equivalent after "
-                             f"folding (e.g. Linear on (N, L, C) input followed by BatchNorm1d). Fold the "
-                             f"pairs you trust "
-                             f"with fold_conv_bn, or use method='sequential'")
+    try:
+        for lname, new_layer, bname, act in folded:
+            _set(target, lname, new_layer)
+            _set(target, bname, act)
+        if want is not None:
+            with torch.no_grad():
+                got = target(*example_inputs)
+            why = _mismatch(got, want, atol, rtol)
+            if why is not None:
+                raise ValueError(f"{op}: the folded model's output differs from the original's ({why}; "
+                                 f"atol={atol}, rtol={rtol}); a found pair is not equivalent after folding "
+                                 f"(e.g. a layer's output also used outside the BN). Nothing was changed: "
+                                 f"fold the pairs you trust with fold_conv_bn")
+    except BaseException:
+        for lname, old_layer, bname, old_bn in reversed(originals):  # leave an in-place model as it was
+            _set(target, lname, old_layer)
+            _set(target, bname, old_bn)
+        raise
+    _warn_unverified(op, folded, rejected, how, example_inputs is not None, method, target)
     return target
+
+
+def _warn_unverified(op: str, folded, rejected: dict[str, str], how: str, had_inputs: bool, method: str,
+                     target: nn.Module) -> None:
+    linear = [f"{lname} -> {bname}" for lname, layer, bname, _ in folded if isinstance(layer, nn.Linear)]
+    if linear and not had_inputs:
+        warnings.warn(f"{op}: folded Linear -> BN pair(s) {', '.join(linear)} without example_inputs: "
+                      f"correct only if the Linear sees 2-D (N, C) input (on (N, L, C) a BatchNorm1d "
+                      f"normalises L); pass example_inputs=(x,) to check", FoldWarning, stacklevel=3)
+    if rejected:
+        said = "; ".join(f"{b}: {why}" for b, why in rejected.items())
+        warnings.warn(f"{op}: left unfolded: {said}", FoldWarning, stacklevel=3)
+    if how == "sequential" and method == "auto":
+        left = [n for n, m in _bnlayers.iter_bn(target) if getattr(m, "running_mean", None) is not None]
+        if left:
+            warnings.warn(f"{op}: torch.fx could not trace {type(target).__name__}, so only adjacent layers "
+                          f"of plain nn.Sequential were searched; BN layers left: {', '.join(left)}. Pass "
+                          f"example_inputs=(x,) to find the rest by a recorded run", FoldWarning,
+                          stacklevel=3)
 
 
 def _set(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -57,6 +57,12 @@ _PLAIN_BY_RANKS = {(2, 3): BatchNorm1d, (4,): BatchNorm2d, (5,): BatchNorm3d}
 _ACT_BY_RANKS = {(2, 3): BatchNormAct1d, (4,): BatchNormAct2d, (5,): BatchNormAct3d}
 
 
+def _check_train_affine(op: str, train_affine: object) -> None:
+    if not isinstance(train_affine, bool):
+        raise TypeError(f"{op}: expected train_affine to be True or False, got {train_affine!r} "
+                        f"({type(train_affine).__name__}); a string such as 'no' would count as True")
+
+
 class FrozenBatchNorm(nn.Module):
     """BN with fixed statistics: ``act(γ (x − μ_run)/sqrt(σ²_run + ε) + β)`` in train *and* eval mode.
 
@@ -94,6 +100,7 @@ class FrozenBatchNorm(nn.Module):
     ) -> None:
         super().__init__()
         op = type(self).__name__
+        _check_train_affine(op, train_affine)
         self.num_features = check_num_features(op, num_features)
         self.eps = check_eps(op, eps)
         self.affine = bool(affine)
@@ -118,6 +125,19 @@ class FrozenBatchNorm(nn.Module):
         # The module this one replaced (not a submodule: no duplicate keys, not moved by .to()).
         self.__dict__["_original"] = None
         self.__dict__["_original_requires_grad"] = None
+
+    _version = 2  # as torch's _NormBase: version-1 state dicts have no num_batches_tracked
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        version = local_metadata.get("version", None)
+        key = prefix + "num_batches_tracked"
+        if (version is None or version < 2) and key not in state_dict:
+            # what BatchNorm* and torch do for a state dict saved before the counter existed
+            nbt = self.num_batches_tracked
+            state_dict[key] = nbt if not nbt.is_meta else torch.tensor(0, dtype=torch.long)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     @property
     def train_affine(self) -> bool:
@@ -146,6 +166,7 @@ class FrozenBatchNorm(nn.Module):
     @classmethod
     def from_module(cls, bn: nn.Module, *, train_affine: bool = False) -> FrozenBatchNorm:
         """A frozen layer that **shares** ``bn``'s parameters and buffers (see :func:`freeze`)."""
+        _check_train_affine("FrozenBatchNorm.from_module", train_affine)
         _check_freezable("FrozenBatchNorm.from_module", "", bn)
         if isinstance(bn, FrozenBatchNorm):
             for p in (bn.weight, bn.bias):
@@ -258,6 +279,7 @@ def freeze(model: nn.Module, *, layers: Sequence[str] | None = None, train_affin
     op = "batchnorm.freeze"
     if not isinstance(model, nn.Module):
         raise TypeError(f"{op}: expected a torch.nn.Module, got {type(model).__name__}")
+    _check_train_affine(op, train_affine)
     found = dict(_bnlayers.iter_bn(model))
     names = list(_bnlayers.select_layers(op, found, layers))
     for n in names:

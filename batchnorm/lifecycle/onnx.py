@@ -49,6 +49,11 @@ __all__ = ["custom_translation_table", "export", "prepare_for_export"]
 def prepare_for_export(model: nn.Module, *, fold: bool = False) -> nn.Module:
     """The copy :func:`export` hands to ``torch.onnx.export``: eval mode, torch BN modules only.
 
+    The BN family becomes its eval-mode equivalent first: BatchRenorm and GhostBatchNorm a
+    ``BatchNormNd`` with their running statistics, InPlace-ABN a ``BatchNormNd`` (with
+    ``γ_eff``) and its activation — exactly what they compute in eval mode. Not exportable (a
+    ValueError says why): layers with ``channel_axis != 1`` and layers without running statistics.
+
     Useful to export with your own exporter settings, or with another exporter (TensorRT, OpenVINO,
     coremltools) that knows ``torch.nn.BatchNorm*`` but not our modules. ``model`` is not modified.
     """
@@ -69,10 +74,57 @@ def prepare_for_export(model: nn.Module, *, fold: bool = False) -> nn.Module:
     if any(isinstance(m, FrozenBatchNorm) for m in work.modules()):
         work = unfreeze(work)
     work.eval()
+    work = _family_to_eval_equivalent(work)
     if fold:
         fold_bn(work, inplace=True)
     work = convert_to_torch(work, strict=False)
     return work.eval()
+
+
+_TORCH_BN_FOR_RANKS = {(2, 3): nn.BatchNorm1d, (4,): nn.BatchNorm2d, (5,): nn.BatchNorm3d}
+
+
+def _family_to_eval_equivalent(work: nn.Module) -> nn.Module:
+    """Replace the BN variants with their own forward by what they compute in eval mode, in torch
+    modules the exporters know: BatchRenorm and GhostBatchNorm normalise with the running statistics
+    exactly like ``BatchNormNd``; InPlace-ABN is ``BatchNormNd`` with ``γ_eff`` (see
+    :func:`batchnorm.family.inplace.effective_weight`) followed by its activation. (Exported as they
+    are, the exporters would trace into the numba kernels and fail with their own errors.)"""
+    import torch
+
+    from ..family.ghost import _GhostBatchNorm
+    from ..family.inplace import _InPlaceABN, effective_weight
+    from ..family.renorm import _BatchRenorm
+
+    replace = {}
+    for name, m in work.named_modules():
+        if not isinstance(m, (_BatchRenorm, _GhostBatchNorm, _InPlaceABN)):
+            continue
+        cls = _TORCH_BN_FOR_RANKS.get(tuple(type(m)._ranks))
+        if cls is None:
+            raise ValueError(f"batchnorm.onnx.prepare_for_export: layer {name or '<model>'} "
+                             f"({type(m).__name__}) accepts input ranks {type(m)._ranks}, which match no "
+                             f"torch BatchNorm1d/2d/3d; rebuild it as a BatchNorm*d-ranked variant")
+        ref = m.running_mean
+        bn = cls(m.num_features, m.eps, m.momentum, m.affine, True, device=ref.device, dtype=ref.dtype)
+        with torch.no_grad():
+            bn.running_mean.copy_(m.running_mean)
+            bn.running_var.copy_(m.running_var)
+            if m.affine:
+                w = m.weight
+                if isinstance(m, _InPlaceABN):
+                    w = effective_weight(m.weight, m.eps_gamma, m.num_features, w.dtype, w.device)
+                bn.weight.copy_(w)
+                bn.bias.copy_(m.bias)
+        act = _bnlayers.activation(m) if isinstance(m, _InPlaceABN) else ("identity", 0.0)
+        new = bn if act[0] == "identity" else nn.Sequential(bn, _bnlayers.activation_module(*act))
+        replace[name] = new.eval()
+    for name, new in replace.items():
+        if not name:
+            return new
+        parent, _, attr = name.rpartition(".")
+        setattr(work.get_submodule(parent) if parent else work, attr, new)
+    return work
 
 
 def export(

@@ -39,11 +39,15 @@ dependency order. Three modes:
   statistics are gathered under batch-statistic normalisation of the earlier ones, which is close for
   large batches. (Our per-layer merge is still the exact pooled variance of what each layer saw.)
 
-Other modules (dropout, ...) run in eval mode, as at inference. Afterwards every module's train/eval
-mode and every BN layer's ``momentum`` are restored — also when an exception interrupts; then the
-running statistics are also restored to what they were. In ``exact`` and ``layerwise`` mode the data
-is iterated once per pass and must yield the same batches each time (a list, or a DataLoader with
-``shuffle=False``); a one-shot iterator is refused.
+Other modules (dropout, ...) run in eval mode, as at inference. The model always gets copies of
+the batches, so layers that write their input in place (InPlace-ABN) never alter the data later
+passes read. A batch whose input to a layer holds NaN/Inf follows that layer's ``nonfinite``
+policy (``"skip"``: left out for that layer and counted in ``report.nonfinite_batches``;
+``"raise"``: FloatingPointError); non-finite final statistics are never written (ValueError).
+Afterwards every module's train/eval mode and every BN layer's ``momentum`` are restored — also
+when an exception interrupts; then the running statistics are also restored to what they were. In
+``exact`` and ``layerwise`` mode the data is iterated once per pass and must yield the same batches
+each time (a list, or a DataLoader with ``shuffle=False``); a one-shot iterator is refused.
 
 Example:
     >>> report = recalibrate(model, [x for x, _ in loader], progress=False)
@@ -80,6 +84,8 @@ class RecalibrationReport:
     levels: dict[str, int] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
+    #: layer -> batches left out under the layer's nonfinite="skip" (inputs with NaN/Inf)
+    nonfinite_batches: dict[str, int] = field(default_factory=dict)
 
 
 class _StopForward(Exception):
@@ -91,16 +97,39 @@ def _default_forward(model: nn.Module, batch: Any) -> Any:
     return model(x)
 
 
+def _copied(batch: Any) -> Any:
+    """``batch`` with every tensor (also inside tuples, lists and dicts) cloned."""
+    if isinstance(batch, torch.Tensor):
+        return batch.clone()
+    if isinstance(batch, tuple | list):
+        items = [_copied(b) for b in batch]
+        return type(batch)(*items) if hasattr(batch, "_fields") else type(batch)(items)
+    if isinstance(batch, dict):
+        return type(batch)((k, _copied(v)) for k, v in batch.items())
+    return batch
+
+
 class _Acc:
     """Running float64 merge of per-batch moments for one layer."""
 
-    def __init__(self) -> None:
+    def __init__(self, policy: str = "update", name: str = "") -> None:
         self.m: Moments | None = None
         self.calls = 0
+        self.policy, self.name, self.skipped = policy, name, 0
 
     def add(self, x: torch.Tensor, axis: int) -> None:
         part = Moments.of(x.detach(), axis)
         part = Moments(part.count.double(), part.mean.double(), part.m2.double())
+        if not bool(torch.isfinite(part.mean).all() & torch.isfinite(part.m2).all()):
+            # the layer's own nonfinite policy, as in training: "skip" drops this batch for the layer,
+            # "raise" stops (recalibrate restores everything); "update" folds it in (and _write refuses)
+            if self.policy == "skip":
+                self.skipped += 1
+                return
+            if self.policy == "raise":
+                raise FloatingPointError(f"{_OP}: the input of layer {self.name or '<model>'} in one batch "
+                                         f"holds NaN or Inf (its nonfinite='raise'); nothing was changed. "
+                                         f"Clean the data, or build the layer with nonfinite='skip'")
         self.calls += 1
         if self.m is None:
             self.m = part
@@ -260,9 +289,15 @@ def _write(m: nn.Module, acc: _Acc, name: str) -> int:
         raise ValueError(f"{_OP}: layer {name or '<model>'} saw {n} value(s) per channel; the variance "
                          f"needs at least 2. Recalibrate with more or larger batches")
     var = mom.unbiased_var() if _bnlayers.running_var_unbiased(m) else mom.var
+    mean, var = mom.mean.to(m.running_mean.dtype), var.to(m.running_var.dtype)
+    if not bool(torch.isfinite(mean).all() & torch.isfinite(var).all()):
+        raise ValueError(f"{_OP}: the recalibrated statistics of layer {name or '<model>'} are not finite in "
+                         f"{m.running_var.dtype} (a batch held NaN/Inf, or values whose variance overflows); "
+                         f"nothing was changed. Clean the data, or build the layer with nonfinite='skip' to "
+                         f"leave such batches out")
     with torch.no_grad():
-        m.running_mean.copy_(mom.mean.to(m.running_mean.dtype))
-        m.running_var.copy_(var.to(m.running_var.dtype))
+        m.running_mean.copy_(mean)
+        m.running_var.copy_(var)
         if getattr(m, "num_batches_tracked", None) is not None:
             m.num_batches_tracked.fill_(acc.calls)
     return n
@@ -314,7 +349,12 @@ def recalibrate(
     if mode != "fast" and iter(batches) is batches:
         raise TypeError(f"{_OP}: mode={mode!r} iterates the data once per pass, but batches is a one-shot "
                         f"iterator; pass a list or a DataLoader (shuffle=False), or use mode='fast'")
-    fwd = forward or _default_forward
+    user_fwd = forward or _default_forward
+
+    def fwd(model: nn.Module, batch: Any) -> Any:
+        # Each pass reads the same batches again; a layer that writes its input in place (InPlaceABN,
+        # ReLU(inplace=True), x.relu_() in a forward) must never alter them: the model gets copies.
+        return user_fwd(model, _copied(batch))
     found = {n: m for n, m in _bnlayers.iter_bn(model) if getattr(m, "running_mean", None) is not None}
     found = _bnlayers.select_layers(_OP, found, layers, "BN layers with running statistics")
     if not found:
@@ -356,7 +396,7 @@ def recalibrate(
             plan = [[n for n in found if report.levels[n] == k] for k in range(1, depth + 1)]
             plan = [p for p in plan if p]
         bar = _Bar(progress, None if total is None else total * len(plan), f"recalibrating BN ({mode})")
-        accs = {n: _Acc() for n in found}
+        accs = {n: _Acc(getattr(m, "nonfinite", "update"), n) for n, m in found.items()}
         for level_layers in plan:
             count = _run_pass(model, fwd, data, {n: found[n] for n in level_layers}, accs, expected,
                               early=mode != "fast", bar=bar)
@@ -365,6 +405,8 @@ def recalibrate(
             report.passes += 1
             report.batches = count
             for n in level_layers:  # finalise this level before the next pass uses it
+                if accs[n].skipped:
+                    report.nonfinite_batches[n] = accs[n].skipped
                 if accs[n].m is None:
                     report.skipped.append(n)
                 else:

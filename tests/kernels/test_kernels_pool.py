@@ -111,14 +111,84 @@ def test_small_outputs_bypass_the_pool():
     assert _pool.stats()["buffers"] == 0
 
 
-def test_a_resized_storage_is_not_handed_out_again():
+def test_growing_an_output_in_place_is_refused_and_shrinking_works():
+    """The documented difference from torch.empty_like: a pooled storage is not resizable."""
     x = torch.randn(BIG)
     a = _pool.empty_like(x)
-    a.resize_(2 * x.numel())  # the user grows our buffer: its storage no longer fits the size class
-    a = a.resize_(x.shape)
+    with pytest.raises(RuntimeError, match="not resizable"):
+        a.resize_(2 * x.numel())
+    a.resize_(10).fill_(3.0)  # shrinking keeps the storage
+    assert a.shape == (10,) and a.untyped_storage().nbytes() == x.numel() * 4
+
+
+def _fill_and_drop(x: torch.Tensor, value: float) -> None:
+    _pool.empty_like(x).fill_(value)
+
+
+def test_a_storage_object_keeps_the_buffer_out_of_the_pool():
+    """The hole of the reference-count design: ``y.untyped_storage()`` was the pool's own object."""
+    x = torch.randn(BIG)
+    y = _pool.empty_like(x).fill_(1.0)
+    st = y.untyped_storage()
+    del y
+    for v in (2.0, 3.0):
+        _fill_and_drop(x, v)
+    kept = torch.empty(0).set_(st, 0, x.shape, x.stride())
+    assert torch.equal(kept, torch.ones(BIG)), "a buffer still held as a storage object was reused"
+    del st, kept
+    assert _pool.stats()["idle"] == 2, "the buffer did not come back once the storage object died"
+
+
+@pytest.mark.parametrize("export", ["numpy", "dlpack", "tensor.storage"])
+def test_exports_keep_the_buffer_out_of_the_pool(export):
+    x = torch.randn(BIG)
+    y = _pool.empty_like(x).fill_(1.0)
+    if export == "numpy":
+        held = y.numpy()
+        read = lambda: torch.from_numpy(held)  # noqa: E731
+    elif export == "dlpack":
+        held = torch.utils.dlpack.to_dlpack(y)
+        read = lambda: torch.utils.dlpack.from_dlpack(held)  # noqa: E731
+    else:
+        held = y.untyped_storage()
+        read = lambda: torch.empty(0).set_(held, 0, x.shape, x.stride())  # noqa: E731
+    del y
+    gc.collect()
+    for v in (2.0, 3.0):
+        _fill_and_drop(x, v)
+    assert torch.equal(read(), torch.ones(BIG)), f"an output exported through {export} was overwritten"
+
+
+def test_shared_memory_is_never_the_pools():
+    """share_memory_ (what a multiprocessing queue does) moves the data out of the pool's block."""
+    x = torch.randn(BIG)
+    y = _pool.empty_like(x).fill_(1.0)
+    y.share_memory_()
+    assert y.is_shared()
+    shared_ptr = y.data_ptr()
+    view = torch.empty(0).set_(y.untyped_storage(), 0, x.shape, x.stride())
+    del y
+    outs = [_pool.empty_like(x).fill_(2.0) for _ in range(2)]
+    assert all(o.data_ptr() != shared_ptr for o in outs)
+    assert torch.equal(view, torch.ones(BIG))
+
+
+def test_a_reused_buffer_is_a_fresh_tensor():
+    x = torch.randn(BIG)
+    a = _pool.empty_like(x)
+    a.add_(1.0).add_(1.0)
+    pa = a.data_ptr()
     del a
     b = _pool.empty_like(x)
-    assert b.untyped_storage().nbytes() == x.numel() * 4
+    assert b.data_ptr() == pa and b._version <= 1 and b.grad_fn is None and not b.requires_grad
+    assert b._base is None and b.untyped_storage().nbytes() == x.numel() * 4
+    assert b.data_ptr() % 64 == 0, "outputs must be 64-byte aligned like torch's (the kernels stream lines)"
+
+
+def test_non_standard_strides_are_not_pooled():
+    x = torch.randn(64, 64, 64).permute(2, 0, 1)  # dense, but neither contiguous nor channels-last
+    y = _pool.empty_like(x)
+    assert y.stride() == torch.empty_like(x).stride() and _pool.stats()["buffers"] == 0
 
 
 @pytest.mark.parametrize("bad", [-1, 1.5, True, "1"])
@@ -148,3 +218,17 @@ def test_a_bad_pool_limit_in_the_environment_is_a_clear_error(raw, monkeypatch):
     monkeypatch.setenv("BATCHNORM_POOL_MB", raw)
     with pytest.raises(ValueError, match=r"BATCHNORM_POOL_MB=.* is not a number of MiB >= 0; unset it"):
         _pool._default_limit()
+
+
+def test_pickling_saving_and_deepcopy_of_a_pooled_output(tmp_path):
+    import copy
+    import pickle
+
+    x = torch.randn(BIG)
+    y = _pool.empty_like(x).copy_(x)
+    torch.save(y, tmp_path / "y.pt")
+    clones = [pickle.loads(pickle.dumps(y)), copy.deepcopy(y), torch.load(tmp_path / "y.pt")]
+    del y
+    for v in (2.0, 3.0):
+        _fill_and_drop(x, v)
+    assert all(torch.equal(c, x) for c in clones), "a copy shares the pooled memory"

@@ -239,3 +239,70 @@ def test_digits_default():
     tr = torch.bincount(ds.y_train, minlength=10).double() / len(ds.y_train)
     te = torch.bincount(ds.y_test, minlength=10).double() / len(ds.y_test)
     assert float((tr - te).abs().max()) < 0.01
+
+
+# -- issue 16: what a header may declare is bounded by the file; every bad file is an IdxFormatError ---
+def _header(code: int, dims: list[int]) -> bytes:
+    return bytes([0, 0, code, len(dims)]) + b"".join(struct.pack(">I", d) for d in dims)
+
+
+@pytest.mark.parametrize("gz", [False, True])
+@pytest.mark.parametrize("dims", [[4_000_000_000, 4_000_000_000, 4_000_000_000],  # int64 overflows
+                                  [60_000, 28, 28_000_000]])                      # 47 TB
+def test_huge_declared_dims_are_refused_before_allocating(tmp_path, gz, dims):
+    bad = _write_raw(tmp_path / "huge", _header(0x08, dims) + b"\x00" * 100, gz)
+    with pytest.raises(IdxFormatError, match=r"truncated payload or corrupt header: dimensions .* need \d+"):
+        read_idx(bad)
+    with pytest.raises(IdxFormatError, match="truncated payload"):
+        list(iter_idx(bad))
+
+
+def test_a_lying_gzip_header_is_read_in_bounded_pieces(tmp_path):
+    # declares 1 GB (a 0.8 MB .gz may hold that), holds 100 bytes: read piecewise, no 1 GB buffer
+    bad = _write_raw(tmp_path / "lie.gz", _header(0x08, [1000, 1000, 1000]) + b"\x00" * 100, gz=True)
+    assert bad.stat().st_size * 1032 < 10**9
+    with pytest.raises(IdxFormatError, match="decompresses to at most"):
+        read_idx(bad)
+
+
+def test_255_dimensions_and_corrupt_gzip_data(tmp_path):
+    bad = _write_raw(tmp_path / "dims", _header(0x08, [1] * 255))
+    with pytest.raises(IdxFormatError, match="declares 255 dimensions; at most 64"):
+        read_idx(bad)
+    p, _ = _good(tmp_path, gz=True)
+    data = bytearray(p.read_bytes())
+    data[-30:-20] = b"\xff" * 10  # inside the deflate stream: zlib.error, not an OSError
+    corrupt = tmp_path / "corrupt.gz"
+    corrupt.write_bytes(bytes(data))
+    with pytest.raises(IdxFormatError, match="cannot decompress"):
+        read_idx(corrupt)
+    notgz = tmp_path / "notgz.gz"
+    notgz.write_bytes(b"\x1f\x8b" + b"\x00" * 30)  # gzip magic, garbage after: BadGzipFile
+    with pytest.raises(IdxFormatError, match="cannot decompress"):
+        read_idx(notgz)
+
+
+@pytest.mark.parametrize("what, images, labels, match", [
+    ("0 records", np.zeros((0, 4, 4), np.uint8), np.zeros(0, np.uint8), "holds 0 images"),
+    ("0x0 images", np.zeros((3, 0, 0), np.uint8), np.zeros(3, np.uint8), r"shape \(0, 0\) have no pixels"),
+    ("NaN images", np.array([[[np.nan, 1.0]]] * 3, np.float32), np.zeros(3, np.uint8), "NaN or infinite"),
+    ("label 2e9", np.zeros((3, 2, 2), np.uint8), np.array([0, 1, 2_000_000_000], np.int32),
+     "found label 2000000000, .*at most 65536"),
+    ("0 labels", np.zeros((3, 2, 2), np.uint8), np.zeros(0, np.uint8), "holds 0 labels"),
+])
+def test_data_sets_that_cannot_train_are_idx_format_errors(tmp_path, what, images, labels, match):
+    xi = write_idx(tmp_path / "x", images)
+    yl = write_idx(tmp_path / "y", labels)
+    with pytest.raises(IdxFormatError, match=match):
+        load_idx_dataset([xi, yl])
+
+
+def test_the_cli_reports_a_corrupt_gz_without_a_traceback(tmp_path, capsys):
+    from batchnorm.lab.cli import main
+
+    bad = tmp_path / "imgs.gz"
+    bad.write_bytes(b"\x1f\x8b" + b"\x00" * 30)
+    labels = write_idx(tmp_path / "labels", np.zeros(3, dtype=np.uint8))
+    rc = main(["run", "figure1", "--quick", "--data", f"{bad},{labels}", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "cannot load --data" in err and "cannot decompress" in err and "Traceback" not in err

@@ -50,7 +50,7 @@ def test_file_is_plain_safetensors_with_metadata_header(tmp_path):
     plain = load_file(str(path))
     assert torch.equal(plain["bn1.running_var"], src.bn1.running_var)
     ck = read_checkpoint(path)
-    assert ck.format_version == 1 and ck.metadata == {}
+    assert ck.format_version == 2 and ck.metadata == {}
     assert ck.bn_conventions["extra"]["running_var_unbiased"] is False
     assert ck.bn_conventions["extra"]["activation"] == "leaky_relu"
     assert ck.bn_conventions["bn1"]["class"] == "torch.nn.modules.batchnorm.BatchNorm2d"
@@ -150,8 +150,8 @@ def test_foreign_and_future_files(tmp_path):
     save_file({k: v.contiguous() for k, v in dst.state_dict().items()}, str(plain))
     _rejects(dst, plain, "not a batchnorm checkpoint")
     future = tmp_path / "future.safetensors"
-    save_file({"a": torch.zeros(1)}, str(future), metadata={"format": FORMAT, "format_version": "2"})
-    _rejects(dst, future, "format_version 2")
+    save_file({"a": torch.zeros(1)}, str(future), metadata={"format": FORMAT, "format_version": "3"})
+    _rejects(dst, future, "format_version 3")
     bad = tmp_path / "bad.safetensors"
     save_file({"a": torch.zeros(1)}, str(bad), metadata={"format": FORMAT, "format_version": "one"})
     _rejects(dst, bad, "invalid format_version")
@@ -189,3 +189,161 @@ def test_save_errors_and_atomic_replace(tmp_path, monkeypatch):
         save_checkpoint(_model(1), path)
     assert path.read_bytes() == good
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]  # no temporary file left
+
+
+# -- issue 16: the header is covered, conventions are validated, the file behaves like open()'s ---------
+def _header_and_tensors(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+
+
+@pytest.mark.parametrize("key", ["user.epoch", "bn_conventions", "format"])
+def test_a_changed_header_entry_is_caught_by_the_digest(tmp_path, key):
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(_model(0), path, metadata={"epoch": "12"})
+    header, tensors = _header_and_tensors(path)
+    if key == "bn_conventions":
+        header[key] = header[key].replace('"eps": 1e-05', '"eps": 1e-03', 1)
+    elif key == "format":
+        header["format_version"] = "2"
+        header["user.note"] = "added"
+    else:
+        header[key] = "13"  # one flipped bit: "12" -> "13"
+    save_file(tensors, str(path), metadata=header)
+    dst = _model(1)
+    before = copy.deepcopy(dst.state_dict())
+    _rejects(dst, path, "header entries do not match the sha256")
+    assert all(torch.equal(before[k], v) for k, v in dst.state_dict().items())
+
+
+def test_version_1_files_still_load(tmp_path):
+    from batchnorm.lifecycle.checkpoint import _bn_conventions
+
+    src = _model(0)
+    tensors = {k: v.contiguous().clone() for k, v in src.state_dict().items()}
+    path = tmp_path / "v1.safetensors"
+    header = {"format": FORMAT, "format_version": "1", "sha256": _digest(tensors),
+              "bn_conventions": json.dumps(_bn_conventions(src))}
+    save_file(tensors, str(path), metadata=header)
+    dst = _model(1)
+    load_checkpoint(dst, path)
+    assert _same_state(src, dst)
+
+
+@pytest.mark.parametrize("entry, match", [
+    ("not an object", "expected an object"),
+    ({"eps": "1e-5"}, "eps='1e-5' is not a number"),
+    ({"running_var_unbiased": 1}, "running_var_unbiased=1 is not true or false"),
+    ({"channel_axis": 1.5}, "channel_axis=1.5 is not an integer"),
+    ({"surprise": 3}, "unknown key 'surprise'"),
+    ({"eps": -1.0}, "eps=-1.0 is not a number >= 0"),
+])
+def test_malformed_bn_conventions_are_rejected(tmp_path, entry, match):
+    path = tmp_path / "m.safetensors"
+    src = _model(0)
+    save_checkpoint(src, path)
+    header, tensors = _header_and_tensors(path)
+    conv = json.loads(header["bn_conventions"])
+    conv["bn1"] = entry if isinstance(entry, str) else {**conv["bn1"], **entry}
+    header["bn_conventions"] = json.dumps(conv)
+    header["sha256"] = _digest(tensors, header)  # a well-formed digest: the entry itself is the problem
+    save_file(tensors, str(path), metadata=header)
+    _rejects(_model(1), path, "malformed bn_conventions: .*" + match)
+
+
+
+def test_a_bn_conventions_entry_without_eps_is_rejected(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(_model(0), path)
+    header, tensors = _header_and_tensors(path)
+    conv = json.loads(header["bn_conventions"])
+    del conv["bn1"]["eps"]
+    header["bn_conventions"] = json.dumps(conv)
+    header["sha256"] = _digest(tensors, header)
+    save_file(tensors, str(path), metadata=header)
+    _rejects(_model(1), path, "missing 'eps'")
+
+
+def test_file_mode_follows_the_umask_and_an_overwrite_keeps_it(tmp_path):
+    import os
+    import stat
+
+    path = tmp_path / "m.safetensors"
+    old = os.umask(0o027)
+    try:
+        save_checkpoint(_model(0), path)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    path.chmod(0o644)
+    save_checkpoint(_model(1), path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+def test_a_symlink_is_followed_and_kept(tmp_path):
+    real = tmp_path / "real.safetensors"
+    save_checkpoint(_model(0), real)
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(real)
+    save_checkpoint(_model(1), link)
+    assert link.is_symlink() and link.resolve() == real
+    dst = _model(2)
+    load_checkpoint(dst, real)
+    assert _same_state(dst, _model(1))
+
+
+def test_a_target_we_may_not_write_or_read_is_refused(tmp_path, monkeypatch):
+    import os
+
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(_model(0), path)
+    good = path.read_bytes()
+    real_access = os.access
+    # (the tests run as root, for whom mode bits do not deny access: ask access() what it would say)
+    monkeypatch.setattr(os, "access", lambda p, m: False if str(p) == str(path) else real_access(p, m))
+    with pytest.raises(PermissionError, match="is not writable"):
+        save_checkpoint(_model(1), path)
+    assert path.read_bytes() == good and sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+    with pytest.raises(PermissionError, match="exists but is not readable"):
+        load_checkpoint(_model(1), path)
+    with pytest.raises(FileNotFoundError, match="a directory"):
+        read_checkpoint(tmp_path)
+
+
+def test_a_meta_device_model_is_refused_not_silently_skipped(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(_model(0), path)
+    with torch.device("meta"):
+        meta = TinyResNet()
+    meta.extra = M.BatchNormAct1d(5, activation="leaky_relu", negative_slope=0.2, running_var_unbiased=False)
+    with pytest.raises(ValueError, match=r"meta device.*to_empty"):
+        load_checkpoint(meta, path)
+
+
+class _WithExtra(nn.Module):
+    def __init__(self, tag="a"):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(3)
+        self.tag = tag
+
+    def get_extra_state(self):
+        return {"tag": self.tag}
+
+    def set_extra_state(self, state):
+        self.tag = state["tag"]
+
+
+def test_extra_state_round_trips_or_is_refused_clearly(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(_WithExtra("saved"), path)
+    dst = _WithExtra("other")
+    load_checkpoint(dst, path)
+    assert dst.tag == "saved"
+    bad = _WithExtra(object())
+    with pytest.raises(TypeError, match="not JSON-serialisable"):
+        save_checkpoint(bad, tmp_path / "bad.safetensors")
+    assert not (tmp_path / "bad.safetensors").exists()
+    with pytest.raises(ValueError, match=r"missing keys .*unexpected keys .*'_extra_state'"):
+        load_checkpoint(nn.Sequential(nn.BatchNorm1d(3)), path)

@@ -185,3 +185,18 @@ def test_layer_errors():
         load_convention(M.BatchNorm1d(4, affine=False), a, "keras")
     with pytest.raises(ValueError, match="unknown convention"):
         export_convention(M.BatchNorm1d(4), "caffe")
+
+
+def test_complex_arrays_are_refused_not_silently_made_real():
+    """Issue 16: NumPy would drop the imaginary part with only a ComplexWarning."""
+    import numpy as np
+
+    from batchnorm.lifecycle.conventions import load_convention
+
+    bn = torch.nn.BatchNorm1d(2)
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    params = {"gamma": np.array([1 + 2j, 1]), "beta": np.zeros(2), "moving_mean": np.zeros(2),
+              "moving_variance": np.ones(2)}
+    with pytest.raises(TypeError, match="'gamma' is complex"):
+        load_convention(bn, params, "keras")
+    assert all(torch.equal(before[k], v) for k, v in bn.state_dict().items())

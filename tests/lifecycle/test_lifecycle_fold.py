@@ -11,7 +11,7 @@ from helpers.util import assert_close
 from torch import nn
 
 import batchnorm.core.modules as M
-from batchnorm.lifecycle.fold import find_foldable, fold_bn, fold_conv_bn
+from batchnorm.lifecycle.fold import FoldWarning, find_foldable, fold_bn, fold_conv_bn
 from batchnorm.lifecycle.freeze import freeze
 
 LAYERS = [
@@ -181,17 +181,129 @@ def test_limits_of_the_search():
         assert_close(fold_bn(model)(x), model(x), rtol=1e-5, atol=1e-5, what="partial fold")
 
 
-def test_example_inputs_catch_a_non_equivalent_pair_and_restore_inplace_model():
+def test_a_linear_on_nd_input_is_seen_with_example_inputs_and_left_with_a_warning():
     # Linear on (N, L, C) input followed by BatchNorm1d(L): BN normalises L, not the Linear's outputs
     model = randomize_bn(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))).eval()
     x = torch.randn(3, 4, 4)
-    with pytest.raises(ValueError, match="differs from the original"):
-        fold_bn(model, inplace=True, example_inputs=(x,))
-    assert type(model[0]) is nn.Linear and type(model[1]) is nn.BatchNorm1d
+    before = copy.deepcopy(model.state_dict())
+    with pytest.warns(FoldWarning, match="Linear on 3-D input"):
+        out = fold_bn(model, inplace=True, example_inputs=(x,))
+    assert type(model[0]) is nn.Linear and type(model[1]) is nn.BatchNorm1d and out is model
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.warns(FoldWarning, match="without example_inputs"):  # rank unknown: folded, but said so
+        fold_bn(model)
     ok = nn.Sequential(nn.Linear(4, 4), M.BatchNorm1d(4, channel_axis=-1))
     randomize_bn(ok).eval()
     with torch.no_grad():
         assert_close(fold_bn(ok, example_inputs=(x,))(x), ok(x), rtol=1e-5, atol=1e-5, what="channel_axis=-1")
+
+
+class _TupleOut(nn.Module):
+    """A pair that sequential search finds, whose conv output is also used outside the BN."""
+
+    def __init__(self):
+        super().__init__()
+        self.seq = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))
+
+    def forward(self, x):
+        a = self.seq[0](x)
+        return self.seq[1](a), a  # a tuple output (the comparison used to raise after folding)
+
+
+class _FailsWhenFolded(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.seq = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))
+
+    def forward(self, x):
+        if not isinstance(self.seq[1], nn.BatchNorm2d):
+            raise RuntimeError("this model insists on its BN layer")
+        return self.seq(x)
+
+
+def _snapshot(model):
+    return [(n, type(m)) for n, m in model.named_modules()], copy.deepcopy(model.state_dict())
+
+
+def _unchanged(model, snap):
+    mods, state = snap
+    assert [(n, type(m)) for n, m in model.named_modules()] == mods, "modules were replaced"
+    now = model.state_dict()
+    assert now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in state), "weights changed"
+
+
+@pytest.mark.parametrize("make, err, match", [(_TupleOut, ValueError, r"differs .*output\[1\]"),
+                                              (_FailsWhenFolded, RuntimeError, "insists")])
+def test_any_error_after_replacing_rolls_an_inplace_fold_back(make, err, match):
+    model = randomize_bn(make()).eval()
+    snap = _snapshot(model)
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(err, match=match):
+        fold_bn(model, inplace=True, method="sequential", example_inputs=(x,))
+    _unchanged(model, snap)
+
+
+class _Untraceable(nn.Module):
+    """transformers-style: attribute layers, data-dependent control flow, a dict output."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = M.BatchNorm2d(4)
+        self.proj = nn.Linear(4, 5)
+        self.norm = nn.BatchNorm1d(5)
+        self.act_bn = nn.BatchNorm2d(4)  # after a ReLU: no layer to fold into
+
+    def forward(self, x):
+        h = self.bn(self.conv(x))
+        if h.mean() > -100:  # data-dependent: fx cannot trace
+            h = torch.relu(h)
+        h = self.act_bn(h)
+        return {"logits": self.norm(self.proj(h.mean((2, 3)))), "hidden": (h,)}
+
+
+def test_untraceable_model_is_folded_by_a_recorded_run_and_says_what_is_left():
+    model = randomize_bn(_Untraceable()).eval()
+    x = torch.randn(3, 3, 5, 5)
+    with pytest.raises(ValueError, match="could not trace"):
+        find_foldable(model, method="fx")
+    with pytest.warns(FoldWarning, match=r"could not trace _Untraceable.*BN layers left: bn, norm, act_bn"):
+        fold_bn(model)  # sequential finds nothing here: it must not pass for success
+    assert find_foldable(model, example_inputs=(x,)) == [("conv", "bn"), ("proj", "norm")]
+    snap = _snapshot(model)
+    folded = fold_bn(model, example_inputs=(x,))
+    _unchanged(model, snap)
+    assert type(folded.bn) is nn.Identity and type(folded.norm) is nn.Identity
+    assert type(folded.act_bn) is nn.BatchNorm2d
+    with torch.no_grad():
+        got, want = folded(x), model(x)
+    assert_close(got["logits"], want["logits"], rtol=1e-5, atol=1e-5, what="logits")
+    assert_close(got["hidden"][0], want["hidden"][0], rtol=1e-5, atol=1e-5, what="hidden")
+    assert find_foldable(model, method="record", example_inputs=(x,)) == [("conv", "bn"), ("proj", "norm")]
+
+
+def test_record_sees_a_second_user_and_double_calls():
+    model = _Shared().eval()
+    x = torch.randn(2, 3, 4, 4)
+    assert find_foldable(model, method="record", example_inputs=(x,)) == [("conv3", "bn3")]
+
+
+def test_fold_argument_errors_change_nothing():
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))).eval()
+    x = torch.randn(2, 3, 4, 4)
+    snap = _snapshot(model)
+    with pytest.raises(TypeError, match=r"example_inputs=\(x,\)"):
+        fold_bn(model, inplace=True, example_inputs=x)
+    with pytest.raises(ValueError, match="method='record' runs the model"):
+        fold_bn(model, inplace=True, method="record")
+    for bad in (-1.0, float("nan"), "1e-4", True):
+        with pytest.raises(ValueError, match="atol a finite number"):
+            fold_bn(model, inplace=True, atol=bad)
+    model[1].train()
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match="training mode: running the model"):
+        fold_bn(model, inplace=True, example_inputs=(x,))
+    _unchanged(model, snap)
 
 
 def test_error_paths():

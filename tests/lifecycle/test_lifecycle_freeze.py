@@ -167,3 +167,37 @@ def test_error_paths_leave_model_unchanged():
     with pytest.raises(ValueError, match="expected 3 channels"):
         both[1](torch.randn(2, 4))
     assert np.isfinite(both[1](torch.randn(1, 3)).detach().numpy()).all()  # batch of 1 is fine when frozen
+
+
+def test_frozen_layer_loads_a_version_1_state_dict_like_torch():
+    """Issue 16: state dicts saved before num_batches_tracked existed (version 1) load, as in torch."""
+    from collections import OrderedDict
+
+    from batchnorm.lifecycle.freeze import FrozenBatchNorm
+
+    src = torch.nn.BatchNorm2d(3)
+    with torch.no_grad():
+        src.running_mean.uniform_()
+    old = OrderedDict((k, v) for k, v in src.state_dict().items() if k != "num_batches_tracked")
+    old._metadata = OrderedDict({"": {"version": 1}})
+    frozen = FrozenBatchNorm(3)
+    frozen.load_state_dict(old)
+    assert torch.equal(frozen.running_mean, src.running_mean) and int(frozen.num_batches_tracked) == 0
+    torch.nn.BatchNorm2d(3).load_state_dict(old)  # the reference behaviour
+    new = OrderedDict(old)
+    new._metadata = OrderedDict({"": {"version": 2}})  # a version-2 dict without the key: a real miss
+    for layer in (FrozenBatchNorm(3), torch.nn.BatchNorm2d(3)):
+        with pytest.raises(RuntimeError, match="num_batches_tracked"):
+            layer.load_state_dict(new)
+
+
+@pytest.mark.parametrize("bad", ["yes", 1, None])
+def test_train_affine_must_be_a_bool(bad):
+    from batchnorm.lifecycle.freeze import FrozenBatchNorm, freeze
+
+    model = torch.nn.Sequential(torch.nn.BatchNorm2d(3))
+    with pytest.raises(TypeError, match="train_affine to be True or False"):
+        freeze(model, train_affine=bad)
+    assert type(model[0]) is torch.nn.BatchNorm2d
+    with pytest.raises(TypeError, match="train_affine"):
+        FrozenBatchNorm(3, train_affine=bad)

@@ -118,3 +118,29 @@ def test_direct_torch_export_with_custom_translation_table(tmp_path):
     with torch.no_grad():
         want = model(x).numpy()
     assert_close(_run(path, x), want, rtol=1e-5, atol=1e-5, what="direct export")
+
+
+def test_bn_family_exports_as_its_eval_equivalent(tmp_path):
+    """InPlaceABN, BatchRenorm and GhostBatchNorm used to fail inside the exporter (issue 16)."""
+    import batchnorm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), batchnorm.InPlaceABN2d(4, activation="elu", negative_slope=0.7),
+                          nn.Conv2d(4, 4, 1), batchnorm.BatchRenorm2d(4),
+                          nn.Conv2d(4, 4, 1), batchnorm.GhostBatchNorm2d(4, virtual_batch_size=2))
+    randomize_bn(model)
+    with torch.no_grad():
+        model[1].weight[0] = 1e-7  # below eps_gamma: the export must use the same gamma_eff
+    model.eval()
+    x = torch.randn(2, 3, 5, 5)
+    with torch.no_grad():
+        want = model(x).numpy()
+    prepared = prepare_for_export(model)
+    assert not any(type(m).__module__.startswith("batchnorm") for m in prepared.modules())
+    with torch.no_grad():
+        assert_close(prepared(x), want, rtol=1e-6, atol=1e-6, what="eval equivalent")
+    path = tmp_path / "family.onnx"
+    export(model, (x,), path, dynamo=False, input_names=["x"])
+    ops = _ops(path)
+    assert "Elu" in ops and set(ops) <= {"Conv", "BatchNormalization", "Elu"}  # (the exporter may fuse BN)
+    assert_close(_run(path, x), want, rtol=1e-5, atol=1e-5, what="onnxruntime")
