@@ -49,11 +49,14 @@ from .family.sync import SyncBatchNorm, SyncBatchNormError, convert_sync_batchno
 from .kernels import backend_for, get_backend, set_backend, use_backend
 from .lifecycle.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from .lifecycle.conventions import export_convention, load_convention
-from .lifecycle.convert import convert_to_batchnorm, convert_to_torch
+from .lifecycle.convert import TimmBatchNormAct2d, convert_to_batchnorm, convert_to_torch, timm_norm_layer
 from .lifecycle.diagnostics import BNDiagnostics, Watch, diagnose
 from .lifecycle.fold import find_foldable, fold_bn, fold_conv_bn
 from .lifecycle.freeze import FrozenBatchNorm, freeze, unfreeze
+from .lifecycle.fusers import register_fusers
 from .lifecycle.recalibrate import RecalibrationReport, recalibrate
+
+register_fusers()  # torch.ao.quantization.fuse_modules on our layers (torch has that table loaded already)
 
 __version__ = "0.1.0"
 
@@ -122,6 +125,7 @@ __all__ = [
     "RunningStats",
     "SyncBatchNorm",
     "SyncBatchNormError",
+    "TimmBatchNormAct2d",
     "Watch",
     "backend_for",
     "batch_norm",
@@ -149,9 +153,11 @@ __all__ = [
     "read_checkpoint",
     "recalibrate",
     "reference",
+    "register_fusers",
     "save_checkpoint",
     "set_backend",
     "stats",
+    "timm_norm_layer",
     "unfreeze",
     "update_running_stats",
     "use_backend",
