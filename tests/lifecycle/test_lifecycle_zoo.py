@@ -95,7 +95,7 @@ def _n_torch_only(model):
 
 # Train parity on the cheaper models (the whole zoo takes minutes on 2 cores); every model is converted
 # and checked in eval by test_zoo_converts_every_bn_layer.
-PARITY = ["tv_resnet18", "tv_mobilenet_v3_small", "timm_resnet18", "timm_mobilenetv3_small_100", "hf_resnet"]
+PARITY = ["tv_resnet18", "timm_mobilenetv3_small_100", "hf_resnet"]
 
 
 def _close_scaled(a, b, rel, what):
@@ -209,7 +209,9 @@ def test_zoo_compile_fullgraph():
     ref, ours = _pair("hf_resnet", torch.float32)
     ours.train()
     ref.train()
-    compiled = torch.compile(ours, fullgraph=True)
+    # aot_eager: the whole graph captured with our custom ops, without inductor's minutes of codegen on 2
+    # cores (tests/core/test_core_compile.py covers inductor)
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
     x = torch.randn(2, 3, 32, 32)
     assert_close(_logits(compiled(x)), _logits(ref(x)), rtol=1e-4, atol=1e-4, what="compile train")
     for a, b in zip(ref.buffers(), ours.buffers()):
