@@ -223,9 +223,10 @@ _FOLD_HF = pytest.param("hf_resnet", marks=pytest.mark.xfail(
     "with example_inputs: issue 21's 'fold_bn on any model', batchnorm/lifecycle/fold.py"))
 
 
-_FOLD_TIMM_SILU = pytest.param("timm_efficientnet_b0", marks=pytest.mark.xfail(
+_FOLD_TIMM_SILU = pytest.param("timm_mobilenetv3_small_100", marks=pytest.mark.xfail(
     strict=True, reason="fold_bn replaces a BN + act layer (timm's BatchNormAct2d, our TimmBatchNormAct2d) "
-    "by the fused activation only, so timm's SiLU is dropped: silently wrong (batchnorm/lifecycle/fold.py)"))
+    "by the fused activation only, so timm's Hardswish/SiLU is dropped: silently wrong "
+    "(batchnorm/lifecycle/fold.py)"))
 
 
 @pytest.mark.parametrize("name", ["tv_resnet18", "timm_resnet18", _FOLD_HF,
