@@ -74,10 +74,11 @@ from .lifecycle.adapt import (
 )
 from .lifecycle.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from .lifecycle.conventions import export_convention, load_convention
-from .lifecycle.convert import convert_to_batchnorm, convert_to_torch
+from .lifecycle.convert import TimmBatchNormAct2d, convert_to_batchnorm, convert_to_torch, timm_norm_layer
 from .lifecycle.diagnostics import BNDiagnostics, Watch, diagnose
 from .lifecycle.fold import FoldWarning, find_foldable, fold_bn, fold_conv_bn
 from .lifecycle.freeze import FrozenBatchNorm, freeze, unfreeze
+from .lifecycle.fusers import register_fusers
 from .lifecycle.recalibrate import RecalibrationReport, recalibrate
 from .lifecycle.residual import (
     fuse_residual_blocks,
@@ -86,6 +87,8 @@ from .lifecycle.residual import (
     residual_block_spec,
 )
 from .lifecycle.sync_stats import sync_running_stats
+
+register_fusers()  # torch.ao.quantization.fuse_modules on our layers (torch has that table loaded already)
 
 __version__ = "0.1.0"
 
@@ -172,6 +175,7 @@ __all__ = [
     "SyncBatchNormJoinable",
     "TentResult",
     "TentSession",
+    "TimmBatchNormAct2d",
     "Watch",
     "accumulate_stats",
     "adapt",
@@ -207,6 +211,7 @@ __all__ = [
     "read_checkpoint",
     "recalibrate",
     "reference",
+    "register_fusers",
     "register_residual_block",
     "residual_block_spec",
     "save_checkpoint",
@@ -215,6 +220,7 @@ __all__ = [
     "sync_join",
     "sync_running_stats",
     "tent",
+    "timm_norm_layer",
     "unfreeze",
     "update_running_stats",
     "use_backend",

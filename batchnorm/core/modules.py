@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
+from torch.nn.modules.batchnorm import _NormBase
 
 from .._checks import (
     check_activation,
@@ -62,15 +64,19 @@ CONVENTIONS: dict[str, dict[str, Any]] = {
 }
 
 
-class _BatchNorm(nn.Module):
+class _BatchNorm(_TorchBatchNorm):
     """Base of every BN module here: owns γ/β, the running buffers and the flag checks.
 
-    Disabled parameters and buffers are registered as None (``affine=False``,
-    ``track_running_stats=False``), as in ``torch.nn.modules.batchnorm._NormBase``. Rank
-    variants override only ``_ranks``.
+    It *is* torch's ``torch.nn.modules.batchnorm._BatchNorm`` (and each rank class below is a
+    ``torch.nn.BatchNorm1d/2d/3d``), so ``isinstance(layer, nn.BatchNorm2d)`` holds and every torch
+    helper that looks for BN layers (weight-decay parameter groups, ``swa_utils.update_bn``,
+    ``torch.func.replace_all_batch_norm_modules_``, timm's ``freeze_batch_norm_2d``, …) finds ours.
+    Parameters, buffers, ``_version = 2`` and the state_dict upgrade of pre-``num_batches_tracked``
+    checkpoints are torch's own ``_NormBase`` code; disabled parameters and buffers are registered
+    as None (``affine=False``, ``track_running_stats=False``); the rank classes keep torch's
+    ``_check_input_dim``. Rank variants override only ``_ranks``.
     """
 
-    _version = 2
     _ranks: tuple[int, ...] = (2, 3, 4, 5)
     _default_activation = "identity"
 
@@ -91,58 +97,31 @@ class _BatchNorm(nn.Module):
         activation: str | None = None,
         negative_slope: float = 0.01,
     ) -> None:
-        super().__init__()
         op = type(self).__name__
-        self.num_features = check_num_features(op, num_features)
-        self.eps = check_eps(op, eps)
-        self.momentum = check_momentum(op, momentum)
-        self.affine = bool(affine)
-        self.track_running_stats = bool(track_running_stats)
+        # Validate everything before torch's constructor allocates anything.
+        num_features = check_num_features(op, num_features)
+        eps = check_eps(op, eps)
+        momentum = check_momentum(op, momentum)
         if isinstance(channel_axis, bool) or not isinstance(channel_axis, int):
             raise TypeError(f"{op}: expected channel_axis to be an int (1 or -1), got {channel_axis!r}")
+        nonfinite = check_nonfinite(op, nonfinite)
+        act = self._default_activation if activation is None else activation
+        act, slope = check_activation(op, act, negative_slope)
+        # torch's _NormBase registers weight/bias/running_mean/running_var/num_batches_tracked exactly
+        # as torch.nn.BatchNorm2d does (called directly: the next class in the MRO may be
+        # nn.SyncBatchNorm, whose positional arguments differ).
+        _NormBase.__init__(self, num_features, eps, momentum, bool(affine), bool(track_running_stats),
+                           device, dtype, bias=bias)
         self.channel_axis = channel_axis
         self.running_var_unbiased = bool(running_var_unbiased)
-        self.nonfinite = check_nonfinite(op, nonfinite)
-        act = self._default_activation if activation is None else activation
-        self.activation, self.negative_slope = check_activation(op, act, negative_slope)
-        factory = {"device": device, "dtype": dtype}
-        if self.affine:
-            self.weight = nn.Parameter(torch.empty(num_features, **factory))
-            if bias:  # torch >= 2.6: BatchNormNd(..., bias=False) keeps γ and drops β
-                self.bias = nn.Parameter(torch.empty(num_features, **factory))
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        if self.track_running_stats:
-            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
-            self.register_buffer("running_var", torch.ones(num_features, **factory))
-            self.register_buffer(
-                "num_batches_tracked",
-                torch.tensor(0, dtype=torch.long, **{k: v for k, v in factory.items() if k != "dtype"}),
-            )
-        else:
-            self.register_buffer("running_mean", None)
-            self.register_buffer("running_var", None)
-            self.register_buffer("num_batches_tracked", None)
-        self.reset_parameters()
+        self.nonfinite = nonfinite
+        self.activation, self.negative_slope = act, slope
 
-    # -- state --------------------------------------------------------------------------------
-    def reset_running_stats(self) -> None:
-        """Running mean 0, running variance 1, no batches tracked."""
-        if self.track_running_stats:
-            self.running_mean.zero_()
-            self.running_var.fill_(1)
-            self.num_batches_tracked.zero_()
-
-    def reset_parameters(self) -> None:
-        """γ = 1, β = 0 and fresh running statistics."""
-        self.reset_running_stats()
-        if self.affine:
-            nn.init.ones_(self.weight)
-            if self.bias is not None:
-                nn.init.zeros_(self.bias)
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        """torch's rank check, with torch's messages, for this class's ``_ranks`` (torch helpers call it)."""
+        if input.dim() not in self._ranks:
+            want = "at least 2D" if len(self._ranks) == 4 else " or ".join(f"{r}D" for r in self._ranks)
+            raise ValueError(f"expected {want} input (got {input.dim()}D input)")
 
     def extra_repr(self) -> str:
         s = (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
@@ -158,19 +137,6 @@ class _BatchNorm(nn.Module):
         if self.nonfinite != "update":
             s += f", nonfinite={self.nonfinite!r}"
         return s
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        # Checkpoints from before num_batches_tracked existed (version < 2) keep the layer's current
-        # count (0 for a fresh layer), exactly as torch's _NormBase does.
-        version = local_metadata.get("version", None)
-        key = prefix + "num_batches_tracked"
-        if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
-            state_dict[key] = (self.num_batches_tracked if self.num_batches_tracked is not None
-                               and self.num_batches_tracked.device != torch.device("meta")
-                               else torch.tensor(0, dtype=torch.long))
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
 
     # -- maths --------------------------------------------------------------------------------
     def _use_batch_stats(self) -> bool:
@@ -275,7 +241,7 @@ class _BatchNorm(nn.Module):
         return cls(num_features, **args)
 
 
-class BatchNorm1d(_BatchNorm):
+class BatchNorm1d(_BatchNorm, nn.BatchNorm1d):
     """Batch Normalization over a 2-D ``(N, C)`` or 3-D ``(N, C, L)`` input (drop-in for torch's).
 
     .. math:: y = \\frac{x - \\mathrm{E}[x]}{\\sqrt{\\mathrm{Var}[x] + \\epsilon}} \\gamma + \\beta
@@ -307,7 +273,7 @@ class BatchNorm1d(_BatchNorm):
     _ranks = (2, 3)
 
 
-class BatchNorm2d(_BatchNorm):
+class BatchNorm2d(_BatchNorm, nn.BatchNorm2d):
     """Batch Normalization over a 4-D ``(N, C, H, W)`` input (drop-in for ``torch.nn.BatchNorm2d``).
 
     Same formula, arguments and conventions as :class:`BatchNorm1d`; statistics per channel over
@@ -322,7 +288,7 @@ class BatchNorm2d(_BatchNorm):
     _ranks = (4,)
 
 
-class BatchNorm3d(_BatchNorm):
+class BatchNorm3d(_BatchNorm, nn.BatchNorm3d):
     """Batch Normalization over a 5-D ``(N, C, D, H, W)`` input (drop-in for ``torch.nn.BatchNorm3d``).
 
     Same formula, arguments and conventions as :class:`BatchNorm1d`.
@@ -335,7 +301,7 @@ class _BatchNormAct(_BatchNorm):
     _default_activation = "relu"
 
 
-class BatchNormAct1d(_BatchNormAct):
+class BatchNormAct1d(_BatchNormAct, nn.BatchNorm1d):
     """BN fused with an activation, ``act(BN(x))``, over ``(N, C)`` or ``(N, C, L)``.
 
     ``activation`` is ``"relu"`` (default), ``"leaky_relu"`` (``negative_slope``), ``"elu"``
@@ -346,7 +312,7 @@ class BatchNormAct1d(_BatchNormAct):
     _ranks = (2, 3)
 
 
-class BatchNormAct2d(_BatchNormAct):
+class BatchNormAct2d(_BatchNormAct, nn.BatchNorm2d):
     """BN fused with an activation over ``(N, C, H, W)``; see :class:`BatchNormAct1d`.
 
     Example:
@@ -357,7 +323,7 @@ class BatchNormAct2d(_BatchNormAct):
     _ranks = (4,)
 
 
-class BatchNormAct3d(_BatchNormAct):
+class BatchNormAct3d(_BatchNormAct, nn.BatchNorm3d):
     """BN fused with an activation over ``(N, C, D, H, W)``; see :class:`BatchNormAct1d`."""
 
     _ranks = (5,)

@@ -50,6 +50,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 
 from .._checks import check_input
 from ..core.autograd import train_apply
@@ -309,7 +310,7 @@ class _GhostBatchNorm(_BatchNorm):
                                 remainder=self.remainder, stats_update=self.stats_update)
 
 
-class GhostBatchNorm1d(_GhostBatchNorm):
+class GhostBatchNorm1d(_GhostBatchNorm, nn.BatchNorm1d):
     """Ghost BN over ``(N, C)`` or ``(N, C, L)``: statistics per virtual batch of ``virtual_batch_size``.
 
     Training normalises each ghost batch (consecutive ``virtual_batch_size`` samples along N) with
@@ -335,7 +336,7 @@ class GhostBatchNorm1d(_GhostBatchNorm):
     _ranks = (2, 3)
 
 
-class GhostBatchNorm2d(_GhostBatchNorm):
+class GhostBatchNorm2d(_GhostBatchNorm, nn.BatchNorm2d):
     """Ghost BN over ``(N, C, H, W)``; see :class:`GhostBatchNorm1d`. Loads BatchNorm2d checkpoints.
 
     Example:
@@ -346,7 +347,7 @@ class GhostBatchNorm2d(_GhostBatchNorm):
     _ranks = (4,)
 
 
-class GhostBatchNorm3d(_GhostBatchNorm):
+class GhostBatchNorm3d(_GhostBatchNorm, nn.BatchNorm3d):
     """Ghost BN over ``(N, C, D, H, W)``; see :class:`GhostBatchNorm1d`."""
 
     _ranks = (5,)

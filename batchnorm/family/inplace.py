@@ -96,6 +96,7 @@ from collections.abc import Iterator
 from types import ModuleType
 
 import torch
+from torch import nn
 
 from .. import kernels as _kernels
 from .._checks import (
@@ -684,7 +685,7 @@ class _InPlaceABN(_BatchNorm):
                                 eps_gamma=self.eps_gamma)
 
 
-class InPlaceABN1d(_InPlaceABN):
+class InPlaceABN1d(_InPlaceABN, nn.BatchNorm1d):
     """InPlace-ABN over ``(N, C)`` or ``(N, C, L)``: BN + invertible activation saving only its output.
 
     ``y = act(γ (x − E[x]) / sqrt(Var[x] + ε) + β)`` with ``act`` one of ``"leaky_relu"``
@@ -710,7 +711,7 @@ class InPlaceABN1d(_InPlaceABN):
     _ranks = (2, 3)
 
 
-class InPlaceABN2d(_InPlaceABN):
+class InPlaceABN2d(_InPlaceABN, nn.BatchNorm2d):
     """InPlace-ABN over ``(N, C, H, W)``; see :class:`InPlaceABN1d` and :mod:`batchnorm.family.inplace`.
 
     Example:
@@ -722,7 +723,7 @@ class InPlaceABN2d(_InPlaceABN):
     _ranks = (4,)
 
 
-class InPlaceABN3d(_InPlaceABN):
+class InPlaceABN3d(_InPlaceABN, nn.BatchNorm3d):
     """InPlace-ABN over ``(N, C, D, H, W)``; see :class:`InPlaceABN1d`."""
 
     _ranks = (5,)

@@ -52,6 +52,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 from .. import kernels
 from .._checks import check_channel_tensor, check_eps, check_input
@@ -357,7 +358,7 @@ class _BatchRenorm(_BatchNorm):
         return self._train_step(batch_renorm_train, x, axis, r_max=r_max, d_max=d_max)
 
 
-class BatchRenorm1d(_BatchRenorm):
+class BatchRenorm1d(_BatchRenorm, nn.BatchNorm1d):
     """Batch Renormalization over ``(N, C)`` or ``(N, C, L)``; same state and state_dict keys as BatchNorm1d.
 
     Training: ``y = γ (x̂ r + d) + β`` with r, d the clipped, gradient-free corrections of the
@@ -385,7 +386,7 @@ class BatchRenorm1d(_BatchRenorm):
     _ranks = (2, 3)
 
 
-class BatchRenorm2d(_BatchRenorm):
+class BatchRenorm2d(_BatchRenorm, nn.BatchNorm2d):
     """Batch Renormalization over ``(N, C, H, W)``; loads ``torch.nn.BatchNorm2d`` checkpoints.
 
     See :class:`BatchRenorm1d` for the formula and arguments. The schedule's step is
@@ -400,7 +401,7 @@ class BatchRenorm2d(_BatchRenorm):
     _ranks = (4,)
 
 
-class BatchRenorm3d(_BatchRenorm):
+class BatchRenorm3d(_BatchRenorm, nn.BatchNorm3d):
     """Batch Renormalization over ``(N, C, D, H, W)``; see :class:`BatchRenorm1d`."""
 
     _ranks = (5,)

@@ -711,9 +711,9 @@ def _convertible(m: nn.Module) -> bool:
     # SyncBatchNorm; ours BatchNorm*, BatchNormAct*, SyncBatchNorm. Subclasses that override forward
     # compute something else (Batch Renorm, Ghost BN, user variants) and are left as they are.
     tbn = nn.modules.batchnorm._BatchNorm
-    if isinstance(m, tbn):
-        return type(m).forward in (tbn.forward, nn.SyncBatchNorm.forward)
-    return isinstance(m, _BatchNorm) and type(m).forward in (_BatchNorm.forward, SyncBatchNorm.forward)
+    if isinstance(m, _BatchNorm):  # (first: ours are torch _BatchNorm subclasses too)
+        return type(m).forward in (_BatchNorm.forward, SyncBatchNorm.forward)
+    return isinstance(m, tbn) and type(m).forward in (tbn.forward, nn.SyncBatchNorm.forward)
 
 
 def _check_convertible(m: nn.Module) -> None:

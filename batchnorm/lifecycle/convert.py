@@ -11,7 +11,20 @@ replaces each torch BN layer by the matching module of this package:
     ``nn.LazyBatchNorm*`` (materialised)        by rank, as above
     ``nn.Sequential(BN, ReLU|LeakyReLU|ELU)``   :class:`BatchNormAct1d/2d/3d` (``fuse_activations``;
     (or SiLU, Hardswish, GELU, Sigmoid, Tanh)   see ``core._bnlayers.activation_of_module``)
+    timm ``BatchNormAct2d``                     :class:`TimmBatchNormAct2d` (same ``act``/``drop``)
+    timm ``SyncBatchNormAct``                   :class:`TimmSyncBatchNormAct` (same group)
     ==========================================  ===============================================
+
+**timm.** timm builds most of its models (EfficientNet, MobileNetV3, RegNet, DenseNet, ...) from its own
+``timm.layers.BatchNormAct2d``: a ``torch.nn.BatchNorm2d`` subclass that runs BN, then ``self.drop``
+(usually ``nn.Identity``), then ``self.act`` (ReLU, SiLU, Hardswish, ...). It becomes a
+:class:`TimmBatchNormAct2d`: our fused layer with the same ``drop`` and ``act`` children and the same
+state_dict keys. A ReLU/LeakyReLU/ELU behind an identity ``drop`` runs fused inside our kernel (``act``
+is then ``nn.Identity()`` and ``activation`` names it); any other activation or drop layer is called as
+the very module timm built. timm's ``FrozenBatchNormAct2d`` is left as it is (a constant per-channel
+affine whose γ/β are buffers and which has no ``num_batches_tracked``: our ``FrozenBatchNorm`` would
+change its keys, and there is nothing to speed up). To build a timm model with our layers from the start,
+pass ``norm_layer=timm_norm_layer()`` to ``timm.create_model``.
 
 :func:`convert_to_torch` goes the other way (for ONNX export, or to hand a model to someone who does
 not use this package). A fused :class:`BatchNormAct2d` becomes ``nn.Sequential(nn.BatchNorm2d,
@@ -34,6 +47,8 @@ rejected call leaves the model unchanged. ``copy.deepcopy(model)`` first if you 
 
 from __future__ import annotations
 
+import functools
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -51,8 +66,10 @@ from ..core.modules import (
     BatchNormAct3d,
     _BatchNorm,
 )
+from ..family.sync import SyncBatchNorm
 
-__all__ = ["convert_to_batchnorm", "convert_to_torch"]
+__all__ = ["TimmBatchNormAct2d", "TimmSyncBatchNormAct", "convert_to_batchnorm", "convert_to_torch",
+           "timm_norm_layer"]
 
 _TORCH_BASE = nn.modules.batchnorm._BatchNorm
 _TORCH_FORWARDS = (_TORCH_BASE.forward, nn.SyncBatchNorm.forward)
@@ -68,6 +85,136 @@ def _sync_cls() -> type | None:
     except ImportError:  # pragma: no cover - sync.py ships with the package
         return None
     return SyncBatchNorm
+
+
+# -- timm's norm + act layers -------------------------------------------------------------------
+def _timm_act(act_layer: Any, act_kwargs: dict | None, inplace: bool, apply_act: bool) -> nn.Module:
+    """The activation module timm's ``BatchNormAct2d`` would build (``nn.Identity()`` for none)."""
+    if not apply_act or act_layer is None:
+        return nn.Identity()
+    kwargs = dict(act_kwargs or {})
+    kwargs.setdefault("inplace", inplace)
+    if "timm" in sys.modules or isinstance(act_layer, str):
+        from timm.layers import create_act_layer  # strings ("silu", "hard_swish") are timm's names
+
+        act = create_act_layer(act_layer, **kwargs)
+    else:
+        try:
+            act = act_layer(**kwargs)
+        except TypeError:  # an activation without an ``inplace`` argument (nn.GELU, nn.Sigmoid)
+            kwargs.pop("inplace")
+            act = act_layer(**kwargs)
+    return nn.Identity() if act is None else act
+
+
+class _TimmNormAct:
+    """``act(drop(BN(x)))`` with timm's ``drop`` and ``act`` children (mixed into our BN modules).
+
+    A ReLU/LeakyReLU/ELU behind an identity ``drop`` is moved into the fused op (``activation``) and
+    ``act`` becomes ``nn.Identity()``, so it is applied once, inside the kernel.
+    """
+
+    def _set_post(self, drop: nn.Module, act: nn.Module) -> None:
+        fused = _act_of(act) if type(drop) is nn.Identity else None
+        if fused is not None:
+            self.activation, self.negative_slope = fused
+            act = nn.Identity()
+        else:
+            self.activation = "identity"
+        self.drop = drop
+        self.act = act
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(super().forward(input)))
+
+
+class TimmBatchNormAct2d(_TimmNormAct, BatchNormAct2d):
+    """timm's ``BatchNormAct2d`` on our kernels: ``act(drop(BN(x)))``, same arguments and state_dict keys.
+
+    Args (timm's): ``num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+    apply_act=True, act_layer=nn.ReLU, act_kwargs=None, inplace=True, drop_layer=None, device=None,
+    dtype=None``. ``act_layer`` is a module class or one of timm's names (``"silu"``; needs timm).
+    A ReLU/LeakyReLU/ELU with no ``drop_layer`` is fused into the BN op (``activation`` says which,
+    ``act`` is ``nn.Identity()``); anything else runs as the module after our BN.
+
+    Example:
+        >>> layer = TimmBatchNormAct2d(16, act_layer=nn.SiLU)
+        >>> y = layer(torch.randn(4, 16, 8, 8))
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, apply_act: bool = True,
+                 act_layer: Any = nn.ReLU, act_kwargs: dict | None = None, inplace: bool = True,
+                 drop_layer: Any = None, device: Any = None, dtype: Any = None, **kwargs: Any) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                         activation="identity", **kwargs)
+        drop = drop_layer() if drop_layer is not None else nn.Identity()
+        self._set_post(drop, _timm_act(act_layer, act_kwargs, inplace, apply_act))
+
+
+class TimmSyncBatchNormAct(_TimmNormAct, SyncBatchNorm):
+    """timm's ``SyncBatchNormAct`` on our :class:`batchnorm.SyncBatchNorm`: ``act(drop(SyncBN(x)))``.
+
+    Built by :func:`convert_to_batchnorm` from timm's layer (``drop``/``act`` carried over; a
+    ReLU/LeakyReLU/ELU behind an identity ``drop`` is fused, as in :class:`TimmBatchNormAct2d`).
+    """
+
+
+def _timm_classes() -> dict[str, type]:
+    """timm's BN + act classes, if timm is imported (no timm layer can exist before it is)."""
+    mod = sys.modules.get("timm.layers.norm_act")
+    if mod is None:
+        return {}
+    return {k: getattr(mod, k) for k in ("BatchNormAct2d", "SyncBatchNormAct", "FrozenBatchNormAct2d")
+            if hasattr(mod, k)}
+
+
+def _timm_factory(num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                  track_running_stats: bool = True, apply_act: bool = True, act_layer: Any = None,
+                  act_kwargs: dict | None = None, inplace: bool = True, drop_layer: Any = None,
+                  device: Any = None, dtype: Any = None) -> nn.Module:
+    # act_layer defaults to None (no activation): timm calls a plain ``norm_layer(C)`` where the model
+    # applies its own activation (ResNet) and binds ``act_layer`` where the layer must (norm + act).
+    return TimmBatchNormAct2d(num_features, eps, momentum, affine, track_running_stats, apply_act,
+                              act_layer, act_kwargs, inplace, drop_layer, device, dtype)
+
+
+def timm_norm_layer(**defaults: Any) -> Callable[..., nn.Module]:
+    """A ``norm_layer`` for ``timm.create_model`` that builds our layers (registered with timm's factory).
+
+    timm resolves ``norm_layer`` in two ways: plain-norm models (ResNet) call ``norm_layer(C)``;
+    norm + act models (EfficientNet, MobileNetV3, RegNet, DenseNet) go through
+    ``timm.layers.get_norm_act_layer``, which accepts a class or a plain function but binds the
+    model's ``act_layer`` only to the norm + act layers it knows. This function adds our factory to
+    those sets (``_NORM_ACT_TYPES``, ``_NORM_ACT_REQUIRES_ARG``), checks that timm now binds the
+    activation, and returns the factory (a ``functools.partial`` with ``defaults``, e.g. ``eps=1e-3``).
+    Every layer it builds is a :class:`TimmBatchNormAct2d` (no activation when called plainly).
+
+    Raises ImportError without timm, and RuntimeError if this timm resolves norm layers differently
+    (so a model would silently lose its activations).
+
+    Example:
+        >>> import timm
+        >>> model = timm.create_model("efficientnet_b0", norm_layer=timm_norm_layer())
+
+    Models whose builder fixes ``norm_layer`` itself (timm's MobileNetV3 passes its own) reject the
+    argument; build those with timm's layers and call :func:`convert_to_batchnorm`.
+    """
+    from timm.layers import create_norm_act as cna
+
+    for name in ("_NORM_ACT_TYPES", "_NORM_ACT_REQUIRES_ARG"):
+        table = getattr(cna, name, None)
+        if not isinstance(table, set):
+            raise RuntimeError(f"timm_norm_layer: this timm has no set timm.layers.create_norm_act.{name}; "
+                               f"build the model with timm's layers and call convert_to_batchnorm(model)")
+        table.add(_timm_factory)
+    factory = functools.partial(_timm_factory, **defaults) if defaults else _timm_factory
+    probe = cna.get_norm_act_layer(factory, nn.SiLU)
+    if not isinstance(probe, functools.partial) or probe.keywords.get("act_layer") is not nn.SiLU:
+        raise RuntimeError("timm_norm_layer: timm.layers.get_norm_act_layer did not bind the model's "
+                           "act_layer to our factory, so models would lose their activations; build the "
+                           "model with timm's layers and call convert_to_batchnorm(model)")
+    return factory
 
 
 def _check_materialised(op: str, name: str, m: nn.Module) -> None:
@@ -103,8 +250,32 @@ def _act_of(m: nn.Module) -> tuple[str, float] | None:
 
 
 # -- torch -> ours ------------------------------------------------------------------------------
+def _timm_plan(name: str, m: nn.Module) -> Callable[[], nn.Module] | None:
+    timm = _timm_classes()
+    if not timm or type(m) not in (timm.get("BatchNormAct2d"), timm.get("SyncBatchNormAct")):
+        return None  # exact types: a subclass of timm's layer may compute something else
+    _check_materialised("convert_to_batchnorm", name, m)
+    # timm's SyncBatchNormAct gets drop/act as plain attributes from timm's converter (absent: none).
+    drop, act = getattr(m, "drop", None) or nn.Identity(), getattr(m, "act", None) or nn.Identity()
+    sync = type(m) is timm.get("SyncBatchNormAct")
+
+    def build() -> nn.Module:
+        args = (m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
+        if sync:
+            new = TimmSyncBatchNormAct(*args, m.process_group, **_factory(m), activation="identity")
+        else:
+            new = TimmBatchNormAct2d(*args, act_layer=None, **_factory(m))
+        new._set_post(drop, act)
+        return _share_state(new, m)
+
+    return build
+
+
 def _to_ours_plan(name: str, m: nn.Module, fuse: bool) -> Callable[[], nn.Module] | None:
     op = "convert_to_batchnorm"
+    timm_plan = _timm_plan(name, m)
+    if timm_plan is not None:
+        return timm_plan
     if (fuse and type(m) is nn.Sequential and len(m) == 2 and isinstance(m[0], _TORCH_BASE)
             and type(m[0]).forward in _TORCH_FORWARDS and _torch_dim(m[0]) is not None
             and _act_of(m[1]) is not None):
@@ -151,7 +322,9 @@ def _to_torch_plan(name: str, m: nn.Module, strict: bool) -> Callable[[], nn.Mod
         return None
     sync = _sync_cls()
     is_sync = sync is not None and isinstance(m, sync)
-    if type(m).forward is not _BatchNorm.forward and not (is_sync and type(m).forward is sync.forward):
+    is_timm = isinstance(m, _TimmNormAct)
+    if (type(m).forward is not _BatchNorm.forward and not (is_sync and type(m).forward is sync.forward)
+            and not is_timm):
         if strict:
             raise ValueError(f"{op}: layer {name or '<model>'} is a {type(m).__name__}, a BN variant with "
                              f"its own forward that torch has no module for; pass strict=False to leave such "
@@ -178,7 +351,27 @@ def _to_torch_plan(name: str, m: nn.Module, strict: bool) -> Callable[[], nn.Mod
         raise ValueError(f"{op}: {label} accepts input ranks {type(m)._ranks}, which match no torch "
                          f"BatchNorm1d/2d/3d")
 
+    if is_timm:
+        try:
+            from timm.layers import norm_act as timm_norm_act
+        except ImportError as e:
+            raise ImportError(f"{op}: {label} came from timm and converts back to timm's layer; install "
+                              f"timm (pip install timm)") from e
+
     def build() -> nn.Module:
+        if is_timm:
+            # timm's own layer with the same drop/act modules (a fused activation as its torch module).
+            cls = timm_norm_act.SyncBatchNormAct if is_sync else timm_norm_act.BatchNormAct2d
+            args = (m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
+            if is_sync:
+                bn = cls(*args, m.process_group, **_factory(m))
+            else:
+                bn = cls(*args, apply_act=False, **_factory(m))
+            _share_state(bn, m)
+            bn.drop = m.drop
+            fused = m.activation != "identity"
+            bn.act = activation_module(m.activation, m.negative_slope) if fused else m.act
+            return bn
         if is_sync:
             bn = nn.SyncBatchNorm(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats,
                                   m.process_group, **_factory(m))
