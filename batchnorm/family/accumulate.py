@@ -50,10 +50,9 @@ Works on this package's BN modules (``BatchNorm*``, ``BatchNormAct*``, ``SyncBat
 (Batch Renorm, Ghost BN, InPlace-ABN, your subclasses with their own ``forward``) are refused
 unless left out with ``layers=``. A layer called several times per forward gets one update from
 all its inputs merged. During each micro-batch's forward a layer runs with
-``track_running_stats=False`` (torch's and this package's meaning in training: batch statistics,
-buffers not touched), switched back on right after; a layer that updates its buffers regardless
-(``SyncBatchNorm`` across ranks, today) has them restored from a snapshot. A forward that raises
-records nothing.
+``track_running_stats=False`` (torch's and this package's meaning in training, ``SyncBatchNorm``
+across ranks included: batch statistics, buffers not touched), switched back on right after. A
+forward that raises records nothing.
 """
 
 from __future__ import annotations
@@ -113,7 +112,7 @@ def all_merge_moments(local: Moments, group: Any = None) -> Moments:
 @dataclass
 class _Record:
     moments: list[Moments] = field(default_factory=list)
-    snapshot: tuple[torch.Tensor, ...] | None = None
+    pending: Moments | None = None  # the moments of the forward in progress (tracking switched off)
 
 
 class StatsAccumulator:
@@ -163,35 +162,23 @@ class StatsAccumulator:
                 mom = masked_moments(x.detach(), check_mask(type(m).__name__, mask, x, axis), axis)
             else:
                 mom = Moments.of(x.detach(), axis)
-        rec.snapshot = (mom, m.running_mean.detach().clone(), m.running_var.detach().clone(),
-                        m.num_batches_tracked.detach().clone())
+        rec.pending = mom
         # Training with track_running_stats off is torch's "batch statistics, no update": the same
         # output and gradients, the buffers neither written nor saved for backward.
         m.track_running_stats = False
 
-    def _release(self, m: nn.Module) -> tuple | None:
-        """Switch the layer's tracking back on; returns the pending snapshot (None if none)."""
+    def _release(self, m: nn.Module) -> Moments | None:
+        """Switch the layer's tracking back on; returns the pending moments (None if none)."""
         rec = self._records[m]
-        snap, rec.snapshot = rec.snapshot, None
-        if snap is not None:
+        mom, rec.pending = rec.pending, None
+        if mom is not None:
             m.track_running_stats = True
-        return snap
+        return mom
 
     def _post(self, m: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        snap = self._release(m)
-        if snap is None:
+        mom = self._release(m)
+        if mom is None or output is None:  # not tracking, or the forward raised: nothing to record
             return
-        mom, rm, rv, nbt = snap
-        if output is None:  # the forward raised: nothing to record
-            return
-        # A layer that updates regardless of the switch (SyncBatchNorm across ranks, today): undo it.
-        # (Only when something changed: torch's own BN saves its buffers for backward.)
-        if not (torch.equal(rm, m.running_mean) and torch.equal(rv, m.running_var)
-                and torch.equal(nbt, m.num_batches_tracked)):
-            with torch.no_grad():
-                m.running_mean.copy_(rm)
-                m.running_var.copy_(rv)
-                m.num_batches_tracked.copy_(nbt)
         self._records[m].moments.append(mom)
 
     # -- public -----------------------------------------------------------------------------

@@ -20,9 +20,23 @@ Backward (one ``all_reduce`` of ``2C`` numbers per rank)::
     rank r:   dx_r = γ · invstd · (dz − g / n − x̂ · h / n)
               dγ_r = h_r,  dβ_r = g_r      (local: DDP sums/averages parameter gradients)
 
-Running statistics are updated from the global mean and the global variance made unbiased with the
-global count ``n / (n − 1)``; every rank computes them from the same gathered numbers in the same
-order, so they are bit-identical on every rank. A forward that runs inside a backward pass (the
+Masked (``bn(x, mask=m)``, padded batches; ``m`` True = valid, see :mod:`batchnorm.kernels.masked`)::
+
+    rank r:   (n_r, μ_r, M2_r) = masked_moments(x_r, m_r)   valid positions only; n_r = Σ m_r may be 0
+    all:      the same gather and merge: n is the global *valid* count
+    rank r:   y_r = act(γ (x_r − μ) / sqrt(σ² + ε) + β)     at every position, valid or not
+              g_r, h_r over all positions, the same all_reduce, then
+              dx_r = γ · invstd · (dz − m_r · (g + x̂ · h) / n)     (padding: γ · invstd · dz)
+
+  Ranks may mix masked and unmasked inputs; a rank whose mask is all False (all padding) takes
+  part like an empty shard. The result equals plain BN on the valid positions of every rank packed
+  together. A rank whose mask is rejected still takes part in the forward's all_gather (with a
+  marker), so every rank raises instead of the others hanging.
+
+Running statistics are updated (in training with ``track_running_stats``, as torch's SyncBN) from
+the global mean and the global variance made unbiased with the global count ``n / (n − 1)``; every
+rank computes them from the same gathered numbers in the same order, so they are bit-identical on
+every rank. A forward that runs inside a backward pass (the
 recomputation of ``torch.utils.checkpoint``, reentrant or not) normalises the same way but does not
 update them again: with checkpointing the running statistics are those of the plain model.
 
@@ -79,12 +93,12 @@ from torch.autograd.function import once_differentiable
 from torch.distributed.algorithms.join import Join, Joinable, JoinHook
 
 from .. import kernels
-from .._checks import check_input
+from .._checks import check_input, check_mask
 from ..core import functional as F
 from ..core._bnlayers import share_state
 from ..core.modules import _BatchNorm
 from ..kernels import torch_backend
-from ..stats import Moments, acc_dtype, merge_moments, reduce_dims
+from ..stats import Moments, acc_dtype, masked_moments, merge_moments, reduce_dims
 
 __all__ = ["SyncBatchNorm", "SyncBatchNormError", "SyncBatchNormJoinable", "convert_sync_batchnorm",
            "sync_join"]
@@ -150,18 +164,53 @@ def _check_device(op: str, x: torch.Tensor, group: Any) -> None:
                          f"training (init_process_group('gloo'))")
 
 
-def _global_moments(x: torch.Tensor, axis: int, group: Any, world: int, timeout: float | None) -> Moments:
-    """Merge every rank's per-channel ``(count, mean, M2)`` of ``x`` (one all_gather)."""
+_REJECTED = -1.0  # the count a rank whose mask was rejected sends: every rank then raises
+
+
+def _local_moments(x: torch.Tensor, axis: int, mask: torch.Tensor | None,
+                   bad: Exception | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This rank's ``(count, mean, M2)`` in float64 (``mask``: valid positions only; count 0-d, on the
+    input's device: no host sync before the collective).
+
+    An empty shard, or a mask with no valid position, gives count 0 (it contributes nothing to the
+    merge); a rejected mask (``bad``) gives the count ``_REJECTED``.
+    """
     c = x.shape[axis]
-    if x.numel() > 0:
-        local = Moments.of(x, axis)
-        packed = torch.cat([local.count.reshape(1), local.mean, local.m2]).to(_GATHER_DTYPE)
-    else:  # an empty shard still takes part, with count 0 (it contributes nothing to the merge)
-        packed = torch.zeros(2 * c + 1, dtype=_GATHER_DTYPE, device=x.device)
+    if bad is None and x.numel() > 0:
+        local = masked_moments(x, mask, axis) if mask is not None else Moments.of(x, axis)
+        return (local.count.to(_GATHER_DTYPE), local.mean.to(_GATHER_DTYPE),
+                local.m2.to(_GATHER_DTYPE))
+    zero = torch.zeros(c, dtype=_GATHER_DTYPE, device=x.device)
+    return zero.new_tensor(_REJECTED if bad is not None else 0.0), zero, zero.clone()
+
+
+def _raise_rejected(op: str, counts: torch.Tensor, bad: Exception | None) -> None:
+    """After the gather: the rank whose mask was rejected raises its own error, every other one ours."""
+    if bad is not None:
+        raise bad
+    rejected = (counts == _REJECTED).nonzero().reshape(-1).tolist()
+    if rejected:
+        ranks = ", ".join(str(r) for r in rejected)
+        raise ValueError(f"{op}: the mask of rank {ranks} (of the layer's process group) was rejected (see "
+                         f"that rank's error: its shape, dtype or device), so every rank of the group "
+                         f"raises; nothing was updated. Fix the mask on that rank")
+
+
+def _global_moments(x: torch.Tensor, axis: int, group: Any, world: int, timeout: float | None,
+                    mask: torch.Tensor | None = None, *, op: str = "SyncBatchNorm",
+                    bad: Exception | None = None) -> Moments:
+    """Merge every rank's per-channel ``(count, mean, M2)`` of ``x`` (one all_gather).
+
+    With ``mask`` the moments of the valid positions (:func:`batchnorm.stats.masked_moments`).
+    """
+    c = x.shape[axis]
+    count, mean, m2 = _local_moments(x, axis, mask, bad)
+    packed = torch.cat([count.reshape(1), mean, m2])
     parts = [torch.empty_like(packed) for _ in range(world)]
     _run_collective(lambda: dist.all_gather(parts, packed, group=group, async_op=True),
                     "forward all_gather of the batch statistics", group, timeout)
     table = torch.stack(parts)  # (W, 2C + 1), the same on every rank, in rank order
+    _raise_rejected(op, table[:, 0], bad)
     return merge_moments(table[:, 0], table[:, 1:c + 1], table[:, c + 1:])
 
 
@@ -250,17 +299,16 @@ class _JoinState:
         return table[:, 4], table[:, _HEAD:_HEAD + c], table[:, _HEAD + self.width:_HEAD + self.width + c]
 
 
-def _join_moments(x: torch.Tensor, axis: int, state: _JoinState, index: int, kind: int) -> Moments:
+def _join_moments(x: torch.Tensor, axis: int, state: _JoinState, index: int, kind: int,
+                  mask: torch.Tensor | None = None, *, op: str = "SyncBatchNorm",
+                  bad: Exception | None = None) -> Moments:
     """:func:`_global_moments` under sync_join: joined ranks' rows have count 0 (they add nothing)."""
     c = x.shape[axis]
     acc64 = acc_dtype(x.dtype) == torch.float64
-    if x.numel() > 0:
-        local = Moments.of(x, axis)
-        row = state.row(x.device, index, kind, c, float(local.count), acc64, local.mean, local.m2)
-    else:
-        zero = torch.zeros(c, dtype=_GATHER_DTYPE, device=x.device)
-        row = state.row(x.device, index, kind, c, 0.0, acc64, zero, zero)
+    count, mean, m2 = _local_moments(x, axis, mask, bad)
+    row = state.row(x.device, index, kind, c, float(count), acc64, mean, m2)
     counts, means, m2s = state.exchange(row, "forward all_gather of the batch statistics")
+    _raise_rejected(op, counts, bad)
     return merge_moments(counts, means, m2s)
 
 
@@ -271,27 +319,28 @@ def _view(t: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
 
 
 class _SyncBatchNormFn(torch.autograd.Function):
-    """``y = _SyncBatchNormFn.apply(x, weight, bias, mean, var, n, eps, axis, act, slope, group, timeout,
-    join)``.
+    """``y = _SyncBatchNormFn.apply(x, mask, weight, bias, mean, var, n, eps, axis, act, slope, group,
+    timeout, join)``.
 
     ``mean``/``var``/``n`` are the *global* statistics (constants here: their dependence on ``x``
-    is folded into the backward's ``g/n`` and ``x̂·h/n`` terms, summed over ranks). ``join`` is
-    ``(state, layer index)`` under :func:`sync_join` (the sums then travel as a fixed-size row that
-    joined ranks answer with zeros), else None.
+    is folded into the backward's ``g/n`` and ``x̂·h/n`` terms, summed over ranks); with ``mask``
+    (bool, or None) they are those of the valid positions and only valid positions get those terms.
+    ``join`` is ``(state, layer index)`` under :func:`sync_join` (the sums then travel as a
+    fixed-size row that joined ranks answer with zeros), else None.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mean, var, n, eps, axis, act, slope, group, timeout, join):
+    def forward(ctx, x, mask, weight, bias, mean, var, n, eps, axis, act, slope, group, timeout, join):
         backend = kernels.select(x, axis, act) if x.numel() > 0 else torch_backend
         y = backend.eval_forward(x, mean, var, weight, bias, eps, axis, act, slope)
         ctx.cfg = (n, eps, axis, act, slope, group, timeout, join)
-        ctx.save_for_backward(x, weight, mean, var, y if act != "identity" else None)
+        ctx.save_for_backward(x, weight, mean, var, y if act != "identity" else None, mask)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, weight, mean, var, y = ctx.saved_tensors
+        x, weight, mean, var, y, mask = ctx.saved_tensors
         n, eps, axis, act, slope, group, timeout, join = ctx.cfg
         acc = acc_dtype(x.dtype)
         nd = x.ndim
@@ -319,12 +368,15 @@ class _SyncBatchNormFn(torch.autograd.Function):
                 _, ga, ha = state.exchange(row, "backward all_gather of the gradient sums")
                 g_all, h_all = ga.sum(0).to(acc), ha.sum(0).to(acc)  # joined ranks sent zeros
             scale = invstd if weight is None else invstd * weight.to(acc)
-            dx = _view(scale, nd, axis) * (dz - _view(g_all / n, nd, axis)
-                                           - xhat * _view(h_all / n, nd, axis))
-            dx = dx.to(x.dtype)
-        dw = h.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
-        db = g.to(weight.dtype if weight is not None else x.dtype) if ctx.needs_input_grad[2] else None
-        return dx, dw, db, None, None, None, None, None, None, None, None, None, None
+            if mask is None:
+                inner = dz - _view(g_all / n, nd, axis) - xhat * _view(h_all / n, nd, axis)
+            else:  # as kernels.masked: padded positions do not move the statistics
+                corr = _view(g_all / n, nd, axis) + xhat * _view(h_all / n, nd, axis)
+                inner = torch.where(mask.unsqueeze(axis), dz - corr, dz)
+            dx = (_view(scale, nd, axis) * inner).to(x.dtype)
+        dw = h.to(weight.dtype) if weight is not None and ctx.needs_input_grad[2] else None
+        db = g.to(weight.dtype if weight is not None else x.dtype) if ctx.needs_input_grad[3] else None
+        return dx, None, dw, db, None, None, None, None, None, None, None, None, None, None
 
 
 def _check_timeout(op: str, timeout: object) -> float | None:
@@ -405,31 +457,44 @@ class SyncBatchNorm(_BatchNorm):
         s = super().extra_repr()
         return s + (f", timeout={self.timeout:g}" if self.timeout is not None else "")
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """BN of ``input`` over the global batch; ``mask`` (bool, True = valid, the input's shape less
+        the channel axis, as for :class:`batchnorm.BatchNorm1d`) makes the statistics those of the
+        valid positions of every rank (count-weighted; a rank may have none)."""
         op = type(self).__name__
         ctx = _world(self.process_group) if self.training else None
         if ctx is None:
-            return super().forward(input)
+            return super().forward(input, mask=mask)
         _, world = ctx
         x, axis = self._check_sync_input(op, input)
         group = self.process_group
         _check_device(op, x, group)
+        bad = None
+        if mask is not None:
+            try:
+                check_mask(op, mask, x, axis)
+            except (TypeError, ValueError) as e:  # raised after the gather, so the other ranks raise too
+                bad = e
         join = self.__dict__.get("_join")  # (state, layer index) while a sync_join context is open
-        update = self.running_mean is not None and not _in_backward()
+        # As torch's SyncBN: no update with track_running_stats off (accumulate_stats relies on it).
+        update = self.running_mean is not None and self.track_running_stats and not _in_backward()
         if join is not None:
-            glob = _join_moments(x, axis, *join, _FWD if update else _FWD_AGAIN)
+            glob = _join_moments(x, axis, *join, _FWD if update else _FWD_AGAIN, mask, op=op, bad=bad)
         else:
             self._check_peers_once(op, group, world, x.device)
-            glob = _global_moments(x, axis, group, world, self.timeout)
+            glob = _global_moments(x, axis, group, world, self.timeout, mask, op=op, bad=bad)
         n = float(glob.count)  # exact: float64 counts (one host sync, as in torch's SyncBatchNorm)
         if n <= 1:
-            raise ValueError(f"{op}: expected more than 1 value per channel over the global batch when "
-                             f"training, got {n:g} (rank-local input shape {tuple(x.shape)}, {world} ranks); "
-                             f"use larger batches, or eval mode")
+            what = "valid value" if mask is not None else "value"
+            raise ValueError(f"{op}: expected more than 1 {what} per channel over the global batch when "
+                             f"training, got {n:g} (rank-local input shape {tuple(x.shape)}"
+                             f"{f', mask shape {tuple(mask.shape)}' if mask is not None else ''}, {world} "
+                             f"ranks); use larger batches, or eval mode")
         acc = acc_dtype(x.dtype)
         mean, var = glob.mean.to(acc), glob.var.to(acc)
-        y = _SyncBatchNormFn.apply(x, self.weight, self.bias, mean, var, n, self.eps, axis,
-                                   self.activation, self.negative_slope, group, self.timeout, join)
+        y = _SyncBatchNormFn.apply(x, mask if x.numel() > 0 else None, self.weight, self.bias, mean, var, n,
+                                   self.eps, axis, self.activation, self.negative_slope, group,
+                                   self.timeout, join)
         if update:
             self._update_running_stats(op, mean, var, int(n))
         return y
@@ -629,7 +694,8 @@ class SyncBatchNormJoinable(Joinable):
                                                                                  _HEAD + st.width + c])
             first = table[int((table[:, 0] == 1).nonzero()[0])]
             acc = torch.float64 if bool(first[5]) else torch.float32
-            if m.running_mean is not None and float(glob.count) > 1:
+            rejected = bool((table[:, 4] < 0).any())  # a rank's mask was rejected: nobody updated
+            if m.running_mean is not None and float(glob.count) > 1 and not rejected:
                 m._update_running_stats(type(m).__name__, glob.mean.to(acc), glob.var.to(acc),
                                         int(float(glob.count)))
         self._seen.clear()
