@@ -334,13 +334,13 @@ class _SyncBatchNormFn(torch.autograd.Function):
         backend = kernels.select(x, axis, act) if x.numel() > 0 else torch_backend
         y = backend.eval_forward(x, mean, var, weight, bias, eps, axis, act, slope)
         ctx.cfg = (n, eps, axis, act, slope, group, timeout, join)
-        ctx.save_for_backward(x, weight, mean, var, y if act != "identity" else None, mask)
+        ctx.save_for_backward(x, weight, bias, mean, var, y if act != "identity" else None, mask)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, weight, mean, var, y, mask = ctx.saved_tensors
+        x, weight, bias, mean, var, y, mask = ctx.saved_tensors
         n, eps, axis, act, slope, group, timeout, join = ctx.cfg
         acc = acc_dtype(x.dtype)
         nd = x.ndim
@@ -348,7 +348,12 @@ class _SyncBatchNormFn(torch.autograd.Function):
         invstd = torch.rsqrt(var.to(acc) + eps)
         xhat = (x.to(acc) - _view(mean.to(acc), nd, axis)) * _view(invstd, nd, axis)
         dz = dy.to(acc)
-        if act != "identity":
+        if act in torch_backend._GRAD_FROM_INPUT:  # silu, hardswish, gelu: act' needs z, not y
+            z = xhat if weight is None else xhat * _view(weight.to(acc), nd, axis)
+            if bias is not None:
+                z = z + _view(bias.to(acc), nd, axis)
+            dz = dz * torch_backend._act_grad_from_input(z, act, slope)
+        elif act != "identity":
             dz = dz * torch_backend.act_grad_from_output(y.to(acc), act, slope)
         g = dz.sum(dim=dims)
         h = (dz * xhat).sum(dim=dims)

@@ -146,6 +146,12 @@ def case_elu_5d_cumulative_biased(rank, world, out):
                        running_var_unbiased=False)
 
 
+def case_smooth_activations(rank, world, out):
+    # silu/hardswish/gelu's derivative is a function of z, not of y: the backward recomputes z
+    for act in ("silu", "hardswish", "gelu", "gelu_tanh", "sigmoid", "tanh"):
+        _compare_to_oracle(rank, _UNEVEN[world], (3,), 3, act=act)
+
+
 def case_no_affine_no_tracking(rank, world, out):
     _compare_to_oracle(rank, _EMPTY[world], (5,), 3, affine=False, track_running_stats=False)
 
@@ -266,6 +272,7 @@ _SHARED = [
     case_empty_rank_nc,
     case_channels_last_leaky_relu,
     case_elu_5d_cumulative_biased,
+    case_smooth_activations,
     case_no_affine_no_tracking,
     case_float32,
     case_global_batch_of_one_value_is_rejected,
