@@ -456,6 +456,9 @@ def _parse_case(text: str) -> tuple[tuple[int, ...], str]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``batchnorm bench``; returns the process exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--small" in argv:  # small/medium layers through the modules: batchnorm.bench.small
+        from .small import main as small_main
+        return small_main([a for a in argv if a != "--small"])
     if "--inplace" in argv:
         from .inplace import main as inplace_main
 
@@ -490,7 +493,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.stream:
         return _stream(reps, args.quick)
     cases = args.case or (QUICK_CASES if args.quick else FULL_CASES)
-    result = run(cases, reps=reps, warmup=warmup)
+    from ..kernels import available_backends, use_backend  # the table is about our kernels: force them
+
+    with use_backend("numba" if "numba" in available_backends() else "auto"):  # (auto: small -> native)
+        result = run(cases, reps=reps, warmup=warmup)
     _print_table(result, args.quick)
     if args.json:
         with open(args.json, "w") as f:
