@@ -483,6 +483,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .models import main as models_main
 
         return models_main(argv)
+    if "--small" in argv:  # small/medium layers through the modules: batchnorm.bench.small
+        from .small import main as small_main
+
+        return small_main([a for a in argv if a != "--small"])
     if "--inplace" in argv:
         from .inplace import main as inplace_main
 
@@ -520,7 +524,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _stream(reps, args.quick)
     cases = args.case or (QUICK_CASES if args.quick else FULL_CASES)
     with_compile = (not args.quick) if args.compile is None else args.compile
-    result = run(cases, reps=reps, warmup=warmup, with_compile=with_compile)
+    from ..kernels import available_backends, use_backend  # the table is about our kernels: force them
+
+    with use_backend("numba" if "numba" in available_backends() else "auto"):  # (auto: small -> native)
+        result = run(cases, reps=reps, warmup=warmup, with_compile=with_compile)
     _print_table(result, args.quick)
     if args.json:
         with open(args.json, "w") as f:

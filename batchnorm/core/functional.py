@@ -49,7 +49,7 @@ from .._checks import (
     check_tensor,
 )
 from ..stats import acc_dtype, masked_moments
-from .autograd import eval_apply, masked_train_apply, train_apply
+from .autograd import capturing, eval_apply, masked_train_apply, train_apply
 
 __all__ = [
     "RunningStats",
@@ -196,7 +196,7 @@ def _update_with_numpy(running_mean, running_var, batch_mean, batch_var, factor:
     does not apply (another device, tensors that need grad or are not plain tensors, under
     ``torch.compile`` or a functorch transform). The buffers' version counters are bumped, as an
     in-place torch op would, so autograd still notices a graph that saved them."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or capturing():  # (a tracer or transform sees no NumPy write)
         return False
     with np.errstate(all="ignore"):  # Inf/NaN statistics (and float32 overflow) pass quietly, as in torch
         try:

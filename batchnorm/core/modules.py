@@ -28,6 +28,8 @@ Conventions table (``momentum`` is always PyTorch's weight of the new batch)::
 
 from __future__ import annotations
 
+import numbers
+import operator
 from typing import Any
 
 import torch
@@ -35,16 +37,17 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 from torch.nn.modules.batchnorm import _NormBase
 
+from .. import kernels
 from .._checks import (
     check_activation,
-    check_eps,
     check_input,
     check_mask,
     check_momentum,
     check_nonfinite,
-    check_num_features,
 )
+from ..kernels import native_backend, torch_backend
 from . import functional as F
+from .autograd import capturing
 
 __all__ = [
     "CONVENTIONS",
@@ -62,6 +65,51 @@ CONVENTIONS: dict[str, dict[str, Any]] = {
     "flax": {"momentum": 0.01, "eps": 1e-5, "running_var_unbiased": False},
     "darknet": {"momentum": 0.01, "eps": 1e-6, "running_var_unbiased": True},
 }
+
+
+def _ctor_numbers(op: str, num_features: object, eps: object,
+                  momentum: object) -> tuple[int, float, float | None]:
+    """The constructor's numbers, accepted as ``torch.nn.BatchNorm*`` accepts them.
+
+    torch takes any integer-like ``num_features`` (``np.int64(4)``; 0 gives an empty layer), any
+    ``eps`` (0 or negative only fails at a training forward: "eps must be positive") and any
+    ``momentum`` (1.5 and negative values work: they extrapolate the running average). So do we,
+    with these deliberate differences, each an earlier and clearer error than torch's: a bool,
+    float or other non-integer ``num_features`` is a TypeError (torch: TypeError from
+    ``torch.empty``), a negative one a ValueError (torch: RuntimeError "negative dimension");
+    an ``eps`` or ``momentum`` that is not a real number is a TypeError here (torch: only at the
+    first forward). ``eps ≤ 0`` raises at a forward that uses batch statistics, like torch's.
+    """
+    if isinstance(num_features, bool):
+        raise TypeError(f"{op}: expected num_features to be an int, got the bool {num_features!r}")
+    try:
+        n = operator.index(num_features)
+    except TypeError:
+        raise TypeError(f"{op}: expected num_features to be an int, got {num_features!r} "
+                        f"({type(num_features).__name__}); pass the number of channels C, e.g. "
+                        f"x.shape[1]") from None
+    if n < 0:
+        raise ValueError(f"{op}: expected num_features >= 0, got {n}; pass the number of channels C of "
+                         f"the input, e.g. x.shape[1]")
+    for name, v in (("eps", eps), ("momentum", momentum)):
+        if v is None and name == "momentum":
+            continue
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise TypeError(f"{op}: expected {name} to be a real number{' or None' * (name == 'momentum')}, "
+                            f"got {v!r}; typical values: eps=1e-5, momentum=0.1 (None: cumulative average)")
+    return n, float(eps), None if momentum is None else float(momentum)
+
+
+def _batch_norm_eager(x, running_mean, running_var, weight, bias, training, momentum, eps):
+    """``F.batch_norm``'s kernel call without its Python checks (ours ran before)."""
+    return torch.batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps,
+                            torch.backends.cudnn.enabled)
+
+
+def _attr_path(proxy: torch.fx.Proxy, module: nn.Module, name: str) -> str:
+    """The qualified name of ``module``'s attribute ``name`` in the model an fx tracer is tracing."""
+    path = proxy.tracer.path_of_module(module)
+    return f"{path}.{name}" if path else name
 
 
 class _BatchNorm(_TorchBatchNorm):
@@ -99,9 +147,9 @@ class _BatchNorm(_TorchBatchNorm):
     ) -> None:
         op = type(self).__name__
         # Validate everything before torch's constructor allocates anything.
-        num_features = check_num_features(op, num_features)
-        eps = check_eps(op, eps)
-        momentum = check_momentum(op, momentum)
+        num_features, eps, momentum = _ctor_numbers(op, num_features, eps, momentum)
+        if type(self).forward is not _BatchNorm.forward:  # a variant with its own maths (renorm, ghost,
+            momentum = check_momentum(op, momentum)        # sync, ...): torch has no layer to match there
         if isinstance(channel_axis, bool) or not isinstance(channel_axis, int):
             raise TypeError(f"{op}: expected channel_axis to be an int (1 or -1), got {channel_axis!r}")
         nonfinite = check_nonfinite(op, nonfinite)
@@ -116,6 +164,21 @@ class _BatchNorm(_TorchBatchNorm):
         self.running_var_unbiased = bool(running_var_unbiased)
         self.nonfinite = nonfinite
         self.activation, self.negative_slope = act, slope
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """``torch.jit.script`` compiles torch's own layer code in our place (numba kernels are not
+        scriptable), sharing our parameters and buffers: see :class:`_ScriptableBatchNorm`. Refused,
+        loudly, where torch's ``batch_norm`` would compute something else."""
+        op = type(self).__name__
+        if type(self).forward is not _BatchNorm.forward:
+            raise RuntimeError(f"{op}: torch.jit.script cannot compile this BN variant (its forward is "
+                               f"not torch's batch_norm); use torch.jit.trace in eval mode, or torch.export")
+        if not self.running_var_unbiased or self.nonfinite != "update":
+            raise RuntimeError(f"{op}: torch.jit.script compiles torch's batch_norm, which stores the "
+                               f"unbiased running variance and folds NaN batches in; this layer has "
+                               f"running_var_unbiased={self.running_var_unbiased}, "
+                               f"nonfinite={self.nonfinite!r}")
+        return _ScriptableBatchNorm(self)
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         """torch's rank check, with torch's messages, for this class's ``_ranks`` (torch helpers call it)."""
@@ -143,16 +206,46 @@ class _BatchNorm(_TorchBatchNorm):
         return self.training or self.running_mean is None
 
     def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """BN of ``input``; ``mask`` (bool, True = valid, the input's shape less the channel axis, e.g.
-        ``(N, L)`` for ``(N, C, L)``) makes training statistics those of the valid positions only
-        (masked BN for padded batches, see :func:`batchnorm.batch_norm_train`). In eval mode the
-        running statistics normalise every position and the mask is only checked."""
+        """Normalise ``input`` (see the class docstring); which code runs, fastest first:
+
+        * while a graph is captured or a transform runs (``torch.jit.trace``/``script``, ``torch.export``,
+          both ONNX exporters, ``torch.fx`` Proxies, ``torch.func`` transforms, forward-mode AD):
+          torch's own ``F.batch_norm`` (+ the activation op), exactly what ``torch.nn.BatchNorm*``
+          records (:meth:`_forward_captured`);
+        * an empty batch: an empty output, statistics and parameters unchanged (:meth:`_forward_empty`);
+        * with ``mask``: masked BN (below);
+        * where :func:`batchnorm.kernels.select` picks the native backend (small inputs, CUDA, …) and
+          the flags are torch's: torch's ``batch_norm`` called directly (:meth:`_forward_native`);
+        * else the functional ops on the selected backend (numba kernels on CPU).
+
+        ``mask`` (bool, True = valid, the input's shape less the channel axis, e.g. ``(N, L)`` for
+        ``(N, C, L)``) makes training statistics those of the valid positions only (masked BN for
+        padded batches, see :func:`batchnorm.batch_norm_train`). In eval mode the running statistics
+        normalise every position and the mask is only checked. torch's ``batch_norm`` has no mask, so
+        a masked call refuses to be captured rather than record something else.
+        """
+        if type(input) is not torch.Tensor or capturing():
+            if mask is not None:
+                raise RuntimeError(f"{type(self).__name__}: a masked call cannot be captured as torch's "
+                                   f"batch_norm, which has no mask; capture the model without mask=, or "
+                                   f"run the masked step eagerly (or under torch.compile)")
+            return self._forward_captured(input)
         op = type(self).__name__
-        batch_stats = self._use_batch_stats()
+        batch_stats = self.training or self.running_mean is None
+        if not self.eps > 0 and (batch_stats or self.eps < 0):
+            raise ValueError(f"{op}: eps must be positive when normalising with batch statistics (and >= 0 "
+                             f"with running statistics), got eps={self.eps}; torch raises the same")
+        if input.numel() == 0:
+            if mask is not None:
+                check_mask(op, mask, input, self._check_shape(op, input, False))
+            return self._forward_empty(input, batch_stats)
         x, axis = check_input(op, input, ranks=self._ranks, channel_axis=self.channel_axis,
                               num_features=self.num_features, training=batch_stats and mask is None)
         if mask is not None:
             return self._masked_forward(op, x, axis, mask, batch_stats)
+        if not torch.compiler.is_compiling() and self._runs_native(x, axis, batch_stats):  # (compiled:
+            # our custom ops stay whole in the graph; they dispatch to the same backends inside)
+            return self._forward_native(x, axis, batch_stats, _batch_norm_eager, inplace_act=True)
         if not batch_stats:
             return F.batch_norm_eval(x, self.running_mean, self.running_var, self.weight, self.bias,
                                      eps=self.eps, channel_axis=axis, activation=self.activation,
@@ -167,6 +260,151 @@ class _BatchNorm(_TorchBatchNorm):
                                      eps=self.eps, channel_axis=axis, activation=self.activation,
                                      negative_slope=self.negative_slope)
         return self._train_step(F.batch_norm_train, x, axis, inplace_stats=True, mask=mask)
+
+    def _torch_flags(self, batch_stats: bool) -> bool:
+        """Whether torch's ``batch_norm`` computes exactly this layer's step: always in inference; in a
+        training step that updates running statistics only with torch's conventions (unbiased
+        running variance, NaN batches folded in)."""
+        if not (batch_stats and self.training and self.track_running_stats and self.running_mean is not None):
+            return True
+        return self.running_var_unbiased and self.nonfinite == "update"
+
+    def _runs_native(self, x: torch.Tensor, axis: int, batch_stats: bool) -> bool:
+        m = self.momentum
+        if m is not None and not 0.0 <= m <= 1.0:  # torch accepts any momentum: so does its layer code
+            if not self._torch_flags(batch_stats):
+                raise ValueError(f"{type(self).__name__}: momentum={m} outside [0, 1] runs torch's own layer "
+                                 f"code, which cannot express running_var_unbiased=False or nonfinite="
+                                 f"{self.nonfinite!r}; use a momentum in [0, 1]")
+            return True
+        if kernels.select(x, axis, self.activation, "train" if batch_stats else "eval") is not native_backend:
+            return False
+        p = self.weight if self.weight is not None else self.running_mean
+        if p is not None and (p.dtype != x.dtype or p.device != x.device):
+            return False  # mixed dtypes/devices: the functional path casts or explains
+        if not batch_stats and x.dtype != torch.float64 and not self._well_conditioned():
+            return False  # |running mean| ≫ std: torch's folded normalisation would lose digits
+        return self._torch_flags(batch_stats)
+
+    def _well_conditioned(self) -> bool:
+        """Whether torch's kernel normalises with the running statistics as accurately as ours
+        (``max |running_mean| / sqrt(running_var + ε)`` ≤ ``native_backend.MAX_SHIFT``); cached
+        until the buffers change (their version counters), so eval pays for it once."""
+        rm, rv = self.running_mean, self.running_var
+        key = (id(rm), rm._version, id(rv), rv._version, self.eps)
+        cache = self.__dict__.get("_conditioning")
+        if cache is None or cache[0] != key:
+            cache = (key, not native_backend.ill_conditioned(rm, rv, self.eps))
+            self.__dict__["_conditioning"] = cache
+        return cache[1]
+
+    def _forward_native(self, x, axis: int, batch_stats: bool, batch_norm, inplace_act: bool):
+        """torch's ``_BatchNorm.forward`` (same statements, same order, same numbers) on channels moved
+        to axis 1, then the activation; ``batch_norm`` is ``F.batch_norm`` while capturing (the op a
+        tracer records) or ``torch.batch_norm`` eagerly (the same kernel, without F's Python checks:
+        the input was validated already, before anything was written)."""
+        training = self.training
+        factor = 0.0 if self.momentum is None else self.momentum
+        if training and self.track_running_stats and self.num_batches_tracked is not None:
+            nbt = self.num_batches_tracked
+            if isinstance(x, torch.fx.Proxy):  # record the count's update in the fx graph too
+                nbt = x.tracer.create_proxy("get_attr", _attr_path(x, self, "num_batches_tracked"), (), {})
+            nbt.add_(1)
+            if self.momentum is None:
+                factor = 1.0 / float(nbt)
+        buffers = not training or self.track_running_stats
+        xv = x if axis == 1 else x.movedim(axis, 1)
+        y = batch_norm(xv, self.running_mean if buffers else None, self.running_var if buffers else None,
+                       self.weight, self.bias, batch_stats, factor, self.eps)
+        return self._activate(y if axis == 1 else y.movedim(1, axis), inplace_act)
+
+    def _activate(self, y, inplace: bool):
+        """The fused activation as torch's op (in place on a fresh eager output: torch's BN backward
+        reads x, not y; leaky_relu/elu in place only for a positive slope, which their backward needs)."""
+        act, slope = self.activation, self.negative_slope
+        if act == "identity":
+            return y
+        if act == "relu":
+            return torch.relu_(y) if inplace else torch.relu(y)
+        if act == "leaky_relu":
+            return nn.functional.leaky_relu(y, slope, inplace=inplace and slope > 0)
+        if act == "elu":
+            return nn.functional.elu(y, slope, inplace=inplace and slope > 0)
+        return torch_backend.act_forward(y, act, slope)  # silu, gelu, …: torch's functional op
+
+    def _forward_captured(self, input):
+        """The forward as torch's standard ops, for tracers and transforms (see :meth:`forward`)."""
+        op = type(self).__name__
+        proxy = isinstance(input, torch.fx.Proxy)
+        if not proxy and not isinstance(input, torch.Tensor):
+            check_input(op, input)  # raises the usual TypeError
+        batch_stats = self.training or self.running_mean is None
+        if not self._torch_flags(batch_stats):
+            if not proxy and not torch.compiler.is_compiling() and not torch._C._is_tracing():
+                # a functorch transform or a tensor subclass: the functional path runs the composite
+                # ops (which may refuse loudly, e.g. vmap cannot write batched statistics into
+                # unbatched buffers)
+                return self._train_step(F.batch_norm_train, input, self._check_shape(op, input, True))
+            raise RuntimeError(
+                f"{op}: this training step cannot be captured as torch's batch_norm, which stores the "
+                f"unbiased running variance and folds NaN batches in (this layer: running_var_unbiased="
+                f"{self.running_var_unbiased}, nonfinite={self.nonfinite!r}); capture the model in eval "
+                f"mode, or build the layer with running_var_unbiased=True, nonfinite='update'")
+        if proxy:
+            if self.momentum is None and self.training and self.track_running_stats:
+                raise RuntimeError(f"{op}: torch.fx cannot record momentum=None (the cumulative average "
+                                   f"reads the batch count as a Python number); trace in eval mode or "
+                                   f"set a momentum")
+            axis = self.channel_axis
+        elif torch._C._is_tracing():  # sizes are traced values here: torch's own rank check only (a
+            self._check_input_dim(input)  # wrong channel count fails in F.batch_norm, loudly)
+            axis = self.channel_axis % input.dim()
+        elif 0 in input.shape:
+            axis = self._check_shape(op, input, False)
+        else:  # (not the meta stand-in: torch.export would record its allocation)
+            axis = check_input(op, input, ranks=self._ranks, channel_axis=self.channel_axis,
+                               num_features=self.num_features, training=batch_stats)[1]
+        # (traced: F.batch_norm's batch-size check would turn traced sizes into Python bools; the op
+        # recorded is the same aten::batch_norm)
+        fn = _batch_norm_eager if not proxy and torch._C._is_tracing() else nn.functional.batch_norm
+        return self._forward_native(input, axis, batch_stats, fn, inplace_act=False)
+
+    def _check_shape(self, op: str, input: torch.Tensor, batch_stats: bool) -> int:
+        """``check_input``'s checks (and messages) from shape and dtype alone, on a meta stand-in: safe
+        under tracers (no ``numel`` to record) and for empty batches (whose empty dimensions other than
+        the channels get 2 entries in the stand-in). Returns the channel axis, made non-negative."""
+        nd, ca = input.ndim, self.channel_axis
+        ax = ca % nd if nd and -nd <= ca < nd else None
+        shape = [d if (d or i == ax) else 2 for i, d in enumerate(input.shape)]
+        if ax is not None and shape[ax] == 0 and nd in self._ranks and input.is_floating_point():
+            if self.num_features == 0:
+                return ax  # a layer of 0 features: nothing more to check
+            raise ValueError(f"{op}: expected {self.num_features} channels on axis {ax}, got 0 (input shape "
+                             f"{tuple(input.shape)}); build the layer with num_features=0, or set "
+                             f"channel_axis to the axis that holds the channels")
+        stand_in = torch.empty(shape, dtype=input.dtype, device="meta")
+        try:
+            return check_input(op, stand_in, ranks=self._ranks, channel_axis=ca,
+                               num_features=self.num_features, training=batch_stats)[1]
+        except ValueError as e:  # the message names the real shape, not the stand-in's
+            raise ValueError(str(e).replace(str(tuple(shape)), str(tuple(input.shape)))) from None
+
+    def _forward_empty(self, input: torch.Tensor, batch_stats: bool) -> torch.Tensor:
+        """An empty batch (``N = 0``, e.g. a detection head without proposals): an empty output connected
+        to the graph (the backward gives an empty ``dx`` and zero ``dγ``, ``dβ``), running statistics
+        untouched. Unlike torch, ``num_batches_tracked`` is *not* incremented: no batch was seen, and
+        with ``momentum=None`` a bumped count would give every later batch a smaller weight in the
+        cumulative average."""
+        op = type(self).__name__
+        axis = self._check_shape(op, input, False)
+        if input.shape[axis] == 0:  # no channels at all: nothing to normalise (torch's kernel indexes γ[0])
+            return input.clone()
+        xv = input.movedim(axis, 1)
+        w, b = self.weight, self.bias
+        w = w if w is None or w.dtype == input.dtype else w.to(input.dtype)
+        b = b if b is None or b.dtype == input.dtype else b.to(input.dtype)
+        y = nn.functional.batch_norm(xv, None, None, w, b, True, 0.0, 1e-5)
+        return self._activate(y.movedim(1, axis), inplace=False)
 
     def _train_step(self, fn, x: torch.Tensor, axis: int, **extra: Any) -> torch.Tensor:
         """Run a training-mode functional op (state in, state out) with this layer's flags.
@@ -239,6 +477,70 @@ class _BatchNorm(_TorchBatchNorm):
             args["momentum"] = 1.0 - float(decay)
         args.update(kwargs)
         return cls(num_features, **args)
+
+
+class _ScriptableBatchNorm(_TorchBatchNorm):
+    """What ``torch.jit.script`` compiles in place of one of our layers (see ``__prepare_scriptable__``).
+
+    A torch ``_BatchNorm`` holding the *very* parameters and buffers of our layer (so a scripted
+    model trains the same tensors and has the same state_dict keys) whose ``forward`` is torch's,
+    statement for statement, plus the channel move and the fused activation as torch ops; every
+    flag is a TorchScript constant, so the compiled graph has no branches left.
+    """
+
+    __constants__ = ["track_running_stats", "momentum", "eps", "num_features", "affine",  # noqa: RUF012
+                     "channel_axis", "activation", "negative_slope", "min_dim", "max_dim", "want"]
+    channel_axis: int
+    activation: str
+    negative_slope: float
+    min_dim: int
+    max_dim: int
+    want: str
+
+    def __init__(self, src: _BatchNorm) -> None:
+        nn.Module.__init__(self)
+        for name in ("num_features", "eps", "momentum", "affine", "track_running_stats", "channel_axis",
+                     "activation", "negative_slope", "training"):
+            setattr(self, name, getattr(src, name))
+        self.min_dim, self.max_dim = min(src._ranks), max(src._ranks)
+        self.want = ("at least 2D" if len(src._ranks) == 4 else " or ".join(f"{r}D" for r in src._ranks))
+        for name in ("weight", "bias"):
+            self.register_parameter(name, getattr(src, name))
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            self.register_buffer(name, getattr(src, name))
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < self.min_dim or input.dim() > self.max_dim:
+            raise ValueError(f"expected {self.want} input (got {input.dim()}D input)")
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        exponential_average_factor = 0.0
+        if self.momentum is not None:
+            exponential_average_factor = self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                exponential_average_factor = 1.0 / float(self.num_batches_tracked)
+            else:
+                exponential_average_factor = self.momentum
+        bn_training = True if self.training else (self.running_mean is None) and (self.running_var is None)
+        x = input
+        if self.channel_axis != 1:
+            x = x.movedim(self.channel_axis, 1)
+        y = nn.functional.batch_norm(
+            x, self.running_mean if not self.training or self.track_running_stats else None,
+            self.running_var if not self.training or self.track_running_stats else None,
+            self.weight, self.bias, bn_training, exponential_average_factor, self.eps)
+        if self.channel_axis != 1:
+            y = y.movedim(1, self.channel_axis)
+        if self.activation == "relu":
+            y = nn.functional.relu(y)
+        elif self.activation == "leaky_relu":
+            y = nn.functional.leaky_relu(y, self.negative_slope)
+        elif self.activation == "elu":
+            y = nn.functional.elu(y, self.negative_slope)
+        return y
 
 
 class BatchNorm1d(_BatchNorm, nn.BatchNorm1d):

@@ -142,7 +142,7 @@ train_forward.register_autograd(_train_grad, setup_context=_train_setup)
 def eval_forward(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None,
                  eps: float, channel_axis: int, act: str, slope: float) -> Tensor:
     """``act(γ (x − mean)/sqrt(var + ε) + β)`` with given statistics."""
-    backend = kernels.select(x, channel_axis, act)
+    backend = kernels.select(x, channel_axis, act, "eval")
     return _in_layout_of(backend.eval_forward(x, mean, var, weight, bias, eps, channel_axis, act, slope), x)
 
 
@@ -156,7 +156,7 @@ def eval_backward(dy: Tensor, x: Tensor, y: Tensor | None, weight: Tensor | None
                   bias: Tensor | None, mean: Tensor, var: Tensor, eps: float, channel_axis: int, act: str,
                   slope: float) -> tuple[Tensor, Tensor, Tensor]:
     """Backward of :func:`eval_forward` w.r.t. x, γ, β: ``(dx, dweight, dbias)``."""
-    backend = kernels.select(x, channel_axis, act)
+    backend = kernels.select(x, channel_axis, act, "eval")
     dx, dw, db = backend.eval_backward(dy, x, y, weight, bias, mean, var, eps, channel_axis, act, slope)
     dw, db = _grads_out(x, weight, bias, dw, db, x.shape[channel_axis])
     return _in_layout_of(dx, x), dw, db

@@ -8,9 +8,12 @@ Every backend is a module with the same functions (see :mod:`batchnorm.kernels.t
     eval_forward(x, mean, var, weight, bias, eps, channel_axis, act, slope) -> y
     eval_backward(dy, x, y, weight, bias, mean, var, eps, channel_axis, act, slope) -> (dx, dweight, dbias)
 
-``"torch"`` (composite torch ops) runs everywhere and is the reference fallback. Fast backends
-register themselves with :func:`register_backend`; under the default ``"auto"`` choice the first
-registered fast backend that ``supports`` an input runs it, and anything else falls back to torch.
+``"torch"`` (composite torch ops) runs everywhere and is the reference. ``"native"``
+(:mod:`batchnorm.kernels.native_backend`, torch's fused aten ``native_batch_norm`` forward and
+backward) runs every device and dtype torch has kernels for. Fast backends register themselves
+with :func:`register_backend`; under the default ``"auto"`` choice the first registered fast backend
+that ``supports`` an input runs it **if the input is large enough for it to beat the native op**
+(per pass: see :data:`NATIVE_BELOW`), and anything else runs on the native backend.
 
 Backends here:
 
@@ -20,22 +23,27 @@ Backends here:
   Its threads are torch's own OpenMP team where torch has one (``batchnorm.kernels._omp.runtime()``
   names the runtime library; ``""`` means a small Python thread pool, as on macOS/Windows builds,
   in a forked child, or with ``BATCHNORM_OMP=0``).
-* ``"torch"`` — everything else: CUDA and other devices, float16/bfloat16, non-contiguous inputs
-  (e.g. a strided slice), tensor subclasses; also where numba is not installed.
+* ``"native"`` — small inputs (where a call's fixed cost, not the arithmetic, is the time) and
+  everything numba does not cover: CUDA/MPS/XPU, float16/bfloat16, strided views, tensor
+  subclasses; also where numba is not installed. The modules call torch's ``batch_norm`` directly
+  for it (torch's own layer code, so the same microseconds as ``torch.nn``).
+* ``"torch"`` — the composite reference, only when forced (``use_backend("torch")``).
 
-Both give the same results up to rounding (the tests hold every backend to the float64 oracle).
+Every backend gives the same results up to rounding (the tests hold each to the float64 oracle).
 
     >>> import torch, batchnorm.kernels as K
     >>> K.get_backend()              # the choice in force: "auto", or a forced name
     'auto'
-    >>> K.backend_for(torch.randn(8, 16, 4, 4))              # what would run this input now
+    >>> K.backend_for(torch.randn(128, 64, 56, 56))          # a large contiguous CPU input
     'numba'
-    >>> K.backend_for(torch.randn(8, 16, 4, 4)[:, :, ::2])   # non-contiguous: fallback
-    'torch'
-    >>> with K.use_backend("torch"):  # force the fallback for a block
+    >>> K.backend_for(torch.randn(8, 16, 4, 4))              # small: torch's native kernel is faster
+    'native'
+    >>> K.backend_for(torch.randn(128, 64, 56, 56)[:, :, ::2])   # non-contiguous: native
+    'native'
+    >>> with K.use_backend("torch"):  # force the composite reference for a block
     ...     pass
 
-The environment variable ``BATCHNORM_BACKEND`` (``auto``, ``torch`` or ``numba``) sets the initial
+The environment variable ``BATCHNORM_BACKEND`` (``auto``, ``native``, ``torch`` or ``numba``) sets the initial
 choice. Forcing a backend that cannot run an input raises instead of silently falling back.
 """
 
@@ -48,12 +56,12 @@ from types import ModuleType
 
 import torch
 
-from . import torch_backend
+from . import native_backend, torch_backend
 
-__all__ = ["available_backends", "backend_for", "get_backend", "register_backend", "set_backend",
-           "use_backend"]
+__all__ = ["NATIVE_BELOW", "available_backends", "backend_for", "get_backend", "register_backend",
+           "set_backend", "use_backend"]
 
-_BACKENDS: dict[str, ModuleType] = {"torch": torch_backend}
+_BACKENDS: dict[str, ModuleType] = {"torch": torch_backend, "native": native_backend}
 _LAZY: dict[str, str] = {}  # name -> module path, imported on first use (keeps `import batchnorm` cheap)
 _FAST_ORDER: list[str] = []
 _choice = os.environ.get("BATCHNORM_BACKEND", "auto")
@@ -85,7 +93,7 @@ def _load(name: str) -> ModuleType | None:
 
 def available_backends() -> list[str]:
     """Names of the backends that can be selected here."""
-    return ["torch", *[n for n in _FAST_ORDER if _load(n) is not None]]
+    return ["torch", "native", *[n for n in _FAST_ORDER if _load(n) is not None]]
 
 
 def get_backend() -> str:
@@ -113,8 +121,17 @@ def use_backend(name: str) -> Iterator[None]:
         set_backend(old)
 
 
-def select(x: torch.Tensor, channel_axis: int, act: str) -> ModuleType:
-    """The backend module that will run an op on ``x``.
+#: Below this many values per call (per pass: ``"train"`` = training forward and its backward,
+#: ``"eval"`` = inference forward), ``"auto"`` runs torch's native kernel rather than a fast
+#: backend: there the call's fixed cost dominates and torch's is smaller. Measured through the
+#: modules with ``batchnorm bench --small`` (interleaved medians on a 2-core machine); the native
+#: kernel meets the same float64-oracle tolerance as ours below these sizes
+#: (``tests/core/test_core_native.py`` checks each size class, |mean| ≫ std included).
+NATIVE_BELOW: dict[str, int] = {"train": 1 << 16, "eval": 1 << 19}
+
+
+def select(x: torch.Tensor, channel_axis: int, act: str, mode: str = "train") -> ModuleType:
+    """The backend module that will run an op on ``x`` (``mode``: ``"train"`` or ``"eval"``).
 
     A forced backend that cannot run this input raises rather than silently falling back, so
     that a benchmark or test that forces a backend measures what it says.
@@ -129,16 +146,19 @@ def select(x: torch.Tensor, channel_axis: int, act: str) -> ModuleType:
                                f"{tuple(x.shape)} on {x.device} (channel_axis={channel_axis}, "
                                f"activation={act!r}); use set_backend('auto') to fall back to torch")
         return mod
+    if (not x.is_cpu or x.numel() < NATIVE_BELOW[mode]) and native_backend.supports(x, channel_axis, act):
+        return native_backend
     for n in _FAST_ORDER:
         mod = _load(n)
         if mod is not None and mod.supports(x, channel_axis, act):
             return mod
-    return torch_backend
+    return native_backend if native_backend.supports(x, channel_axis, act) else torch_backend
 
 
-def backend_for(x: torch.Tensor, channel_axis: int = 1, activation: str = "identity") -> str:
-    """Name of the backend that would run a BN op on ``x`` now."""
-    return select(x, channel_axis % x.ndim, activation).name
+def backend_for(x: torch.Tensor, channel_axis: int = 1, activation: str = "identity", *,
+                training: bool = True) -> str:
+    """Name of the backend that would run a BN op on ``x`` now (``training=False``: an eval pass)."""
+    return select(x, channel_axis % x.ndim, activation, "train" if training else "eval").name
 
 
 register_backend("numba", "batchnorm.kernels.cpu")  # lazily: numba is imported on first use only

@@ -121,11 +121,11 @@ def _parser(cmd: str) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--backend",
-        default="torch",
-        choices=["torch", "auto", "numba"],
-        help="BN kernel backend (default torch: on the lab's tiny tensors Python glue dominates and "
-        "both cost about the same per step, and torch needs no numba compile or cache load in each "
-        "worker; results agree to float32 rounding)",
+        default="auto",
+        choices=["auto", "native", "torch", "numba"],
+        help="BN kernel backend (default auto: the lab's small layers run torch's native kernel "
+        "through our modules, as fast as torch.nn and with no numba compile in each worker; large "
+        "ones the numba kernels; 'torch' is the composite reference; results agree to float32 rounding)",
     )
     p.add_argument(
         "--preprocessing",

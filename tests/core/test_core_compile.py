@@ -50,6 +50,11 @@ def test_fullgraph_compile_forward_backward_and_eval_match_eager():
     graphs: list[str] = []
     compiled = torch.compile(model, fullgraph=True, backend=_recording_backend(graphs))
     x = torch.randn(4, 3, 6, 6)
+    with batchnorm.use_backend("numba"):  # (small: auto would run torch's native kernel in the ops)
+        _compiled_steps(model, eager, compiled, graphs, x)
+
+
+def _compiled_steps(model, eager, compiled, graphs, x):
     assert batchnorm.backend_for(x) == "numba"
     for step in range(2):  # the second step reuses the compiled graph
         xs = x + step

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import pickle
 
+import numpy as np
 import pytest
 import torch
 from helpers.util import assert_close
@@ -144,3 +145,102 @@ def test_replace_all_batch_norm_modules_reaches_our_layers():
     x = torch.randn(8, 4, dtype=torch.float64)
     ref = nn.functional.batch_norm(x, None, None, training=True)
     assert_close(model[0](x), ref, rtol=1e-10, atol=1e-10, what="batch statistics after replace_all")
+
+
+# -- empty batches ----------------------------------------------------------------------------------
+EMPTY = [(batchnorm.BatchNorm2d, (0, 4, 3, 3), {}), (batchnorm.BatchNorm1d, (0, 4), {}),
+         (batchnorm.BatchNormAct1d, (0, 4, 5), {"activation": "elu"}),
+         (batchnorm.BatchNorm2d, (0, 3, 3, 4), {"channel_axis": -1}),
+         (batchnorm.BatchNorm3d, (2, 4, 0, 2, 2), {"momentum": None})]
+
+
+@pytest.mark.parametrize("cls, shape, kw", EMPTY, ids=[f"{c.__name__}{s}" for c, s, _ in EMPTY])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_empty_batch_gives_an_empty_output_and_changes_no_state(cls, shape, kw, train):
+    m = cls(4, **kw)
+    m.train()
+    m(torch.randn([d or 2 for d in shape]) * 3 + 1)  # some statistics first
+    m.train(train)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    x = torch.randn(shape, requires_grad=True)
+    y = m(x)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    assert torch.equal(m.weight.grad, torch.zeros(4)) and torch.equal(m.bias.grad, torch.zeros(4))
+    for k, v in m.state_dict().items():  # num_batches_tracked included: no batch was seen
+        assert torch.equal(v, before[k]), k
+    # torch: same empty output, same zero gradients, running statistics unchanged too
+    t = nn.BatchNorm2d(4) if x.ndim == 4 else nn.BatchNorm1d(4) if x.ndim < 4 else nn.BatchNorm3d(4)
+    if kw.get("channel_axis", 1) == 1:
+        t.train(train)
+        xt = x.detach().requires_grad_()
+        t(xt).sum().backward()
+        assert torch.equal(t.running_mean, torch.zeros(4)) and torch.equal(t.weight.grad, m.weight.grad)
+
+
+def test_empty_batch_keeps_the_cumulative_average_exact():
+    # momentum=None: the count is not bumped by an empty batch, so the average stays equal-weight
+    ours = batchnorm.BatchNorm1d(3, momentum=None, dtype=torch.float64)
+    batches = [torch.randn(5, 3, dtype=torch.float64) + i for i in range(3)]
+    ours(batches[0])
+    ours(torch.randn(0, 3, dtype=torch.float64))
+    ours(batches[1])
+    ours(batches[2])
+    want = torch.stack([b.mean(0) for b in batches]).mean(0)
+    assert int(ours.num_batches_tracked) == 3
+    assert_close(ours.running_mean, want, rtol=1e-12, atol=1e-12, what="cumulative mean")
+
+
+def test_empty_batch_with_bad_shape_is_rejected_with_the_real_shape():
+    m = batchnorm.BatchNorm2d(3)
+    with pytest.raises(ValueError, match=r"expected 3 channels on axis 1, got 5 \(input shape \(0, 5, 2"):
+        m(torch.randn(0, 5, 2, 2))
+    with pytest.raises(ValueError, match=r"expected 4-D .* got 3-D input of shape \(0, 3, 2\)"):
+        m(torch.randn(0, 3, 2))
+
+
+# -- constructor parity -----------------------------------------------------------------------------
+PARITY = [{"eps": 0}, {"eps": 0.0}, {"eps": -1e-3}, {"momentum": 1.5}, {"momentum": -0.5}, {"momentum": None},
+          {"num_features": np.int64(4)}, {"num_features": np.int32(4)}, {"num_features": 0},
+          {"eps": np.float32(1e-3)}, {"momentum": np.float64(0.3)}, {"affine": 0},
+          {"track_running_stats": 0}, {"num_features": 4.0}, {"num_features": True}, {"num_features": -1}]
+
+
+@pytest.mark.parametrize("kw", PARITY, ids=[repr(k) for k in PARITY])
+def test_constructor_accepts_what_torch_accepts(kw):
+    args = {"num_features": 4, **kw}
+    try:
+        theirs = nn.BatchNorm2d(**args)
+    except (TypeError, RuntimeError, ValueError):
+        theirs = None
+    if theirs is None:  # torch rejects: so do we (TypeError/ValueError, documented in modules.py)
+        with pytest.raises((TypeError, ValueError)):
+            batchnorm.BatchNorm2d(**args)
+        return
+    ours = batchnorm.BatchNorm2d(**args)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    c = int(args["num_features"])
+    x = torch.randn(6, c, 3, 3, dtype=torch.float64)
+    ours, theirs = ours.double(), theirs.double()
+    for mode in ("train", "eval", "train"):
+        ours.train(mode == "train")
+        theirs.train(mode == "train")
+        try:
+            want = theirs(x)
+        except IndexError:  # torch's kernel indexes γ[0] of a 0-feature layer; ours returns the empty output
+            assert c == 0 and ours(x).shape == x.shape
+            continue
+        except ValueError as e:  # torch: "eps must be positive" (training) / "non-negative" (eval)
+            assert "eps must be" in str(e)
+            before = {k: v.clone() for k, v in ours.state_dict().items()}
+            with pytest.raises(ValueError, match="eps must be positive"):
+                ours(x)
+            for k, v in ours.state_dict().items():  # deliberate: a rejected call changes nothing here,
+                assert torch.equal(v, before[k]), k  # while torch has bumped num_batches_tracked already
+            if theirs.training:
+                theirs.num_batches_tracked.sub_(1)
+            continue
+        assert_close(ours(x), want, rtol=1e-10, atol=1e-10, what=f"{kw} {mode}")
+        for (k, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
+            assert_close(a, b, rtol=1e-10, atol=1e-12, what=f"{kw} {mode} {k}")

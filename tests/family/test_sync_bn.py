@@ -146,8 +146,8 @@ def test_rejected_inputs_leave_state_unchanged():
     bn = SyncBatchNorm(3)
     bn(torch.randn(4, 3))
     before = _state(bn)
-    with pytest.raises(ValueError, match=r"SyncBatchNorm: got an empty input"):
-        bn(torch.randn(0, 3))  # one process: an empty batch has no statistics
+    assert bn(torch.randn(0, 3)).shape == (0, 3)  # one process: an empty batch is an empty output
+    _assert_same_state(before, bn)  # ...and changes nothing
     with pytest.raises(ValueError, match=r"SyncBatchNorm: expected 3 channels"):
         bn(torch.randn(4, 5))
     with pytest.raises(ValueError, match=r"SyncBatchNorm: expected 2-D .* got 1-D"):

@@ -1,0 +1,190 @@
+"""The native backend (torch's fused aten batch norm) and the automatic dispatch to it.
+
+The story: forced on the CPU, the native backend gives the float64 oracle's numbers to float32
+rounding — forward, backward, eval, every activation, channels on any axis — including data with
+|mean| ≫ std (where torch's folded normalisation would lose digits, the backend recomputes);
+it runs fewer ops per step than the composite reference (counted with the profiler); ``auto``
+sends it the small inputs (:data:`batchnorm.kernels.NATIVE_BELOW`), ``backend_for`` says so, and the
+modules then compute exactly what ``torch.nn`` computes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers.util import assert_close
+from torch import nn
+
+import batchnorm
+from batchnorm import kernels
+from batchnorm.kernels import native_backend as N
+
+ACTS = [("identity", 0.0), ("relu", 0.0), ("leaky_relu", 0.2), ("elu", 0.7)]
+
+
+def _oracle(x, w, b, eps, axis, act, slope, dy):
+    """float64 y, mean, biased var, dx, dw, db (BN then activation) by autograd in float64."""
+    xd = x.detach().double().requires_grad_()
+    wd, bd = w.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    dims = [d for d in range(x.ndim) if d != axis]
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    mean = xd.mean(dims)
+    var = ((xd - mean.view(shape)) ** 2).mean(dims)
+    z = (xd - mean.view(shape)) / torch.sqrt(var.view(shape) + eps) * wd.view(shape) + bd.view(shape)
+    y = {"identity": z, "relu": torch.relu(z), "leaky_relu": nn.functional.leaky_relu(z, slope),
+         "elu": nn.functional.elu(z, slope)}[act]
+    dx, dw, db = torch.autograd.grad(y, (xd, wd, bd), dy.double())
+    return y.detach(), mean.detach(), var.detach(), dx, dw, db
+
+
+SIZE_CLASSES = [(16, 4), (64, 8, 5), (32, 16, 6, 6), (8, 4, 3, 5, 5), (256, 32, 8, 8)]
+
+
+@pytest.mark.parametrize("shape", SIZE_CLASSES, ids=["x".join(map(str, s)) for s in SIZE_CLASSES])
+@pytest.mark.parametrize("shift", [0.0, 1e3, 1e4], ids=["centred", "mean1e3", "mean1e4"])
+@pytest.mark.parametrize("act,slope", ACTS, ids=[a for a, _ in ACTS])
+def test_native_backend_meets_the_oracle_per_size_class(shape, shift, act, slope):
+    torch.manual_seed(0)
+    axis = 1
+    c = shape[axis]
+    x = (torch.randn(shape, dtype=torch.float64) + shift).float()
+    w, b = torch.rand(c) + 0.5, torch.randn(c) * 0.1
+    dy = torch.randn(shape)
+    y, mean, var = N.train_forward(x, w, b, 1e-5, axis, act, slope)
+    ry, rm, rv, rdx, rdw, rdb = _oracle(x, w, b, 1e-5, axis, act, slope, dy)
+    assert_close(mean, rm, rtol=1e-6, atol=1e-6 * max(1.0, shift), what="mean")
+    assert_close(var, rv, rtol=1e-4, atol=1e-6, what="biased var")
+    assert_close(y, ry, rtol=1e-5, atol=1e-5, what=f"y (shift {shift})")  # the numba kernels' tolerance
+    dx, dw, db = N.backward(dy, x, y, w, b, mean, var, 1e-5, axis, act, slope)
+    n = x.numel() // c
+    assert_close(dx, rdx, rtol=1e-4, atol=1e-5, what="dx")
+    assert_close(dw, rdw, rtol=1e-4, atol=1e-5 * n ** 0.5, what="dweight")
+    assert_close(db, rdb, rtol=1e-4, atol=1e-5 * n ** 0.5, what="dbias")
+    # eval with the same statistics as running statistics
+    ye = N.eval_forward(x, rm, rv, w, b, 1e-5, axis, act, slope)
+    assert_close(ye, ry, rtol=1e-5, atol=1e-5, what="eval y")
+    edx, edw, edb = N.eval_backward(dy, x, ye, w, b, rm, rv, 1e-5, axis, act, slope)
+    tdx, tdw, tdb = kernels.torch_backend.eval_backward(  # (the composite in float64: the oracle)
+        *(t.double() for t in (dy, x, ye, w, b, rm, rv)), 1e-5, axis, act, slope)
+    assert_close(edx, tdx, rtol=1e-5, atol=1e-6, what="eval dx")
+    assert_close(edw, tdw, rtol=1e-4, atol=1e-5 * n ** 0.5, what="eval dweight")
+    assert_close(edb, tdb, rtol=1e-4, atol=1e-5 * n ** 0.5, what="eval dbias")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "nhwc_axis", "strided"])
+def test_native_backend_runs_every_dtype_and_layout_like_the_composite(dtype, layout):
+    torch.manual_seed(1)
+    x = torch.randn(6, 5, 4, 3, dtype=torch.float64) * 2 + 0.5
+    axis = 1
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "nhwc_axis":
+        x, axis = x.permute(0, 2, 3, 1).contiguous(), 3
+    elif layout == "strided":
+        x = torch.randn(6, 5, 8, 3, dtype=torch.float64)[:, :, ::2]
+    x = x.to(dtype)
+    c = x.shape[axis]
+    w, b = torch.rand(c, dtype=dtype) + 0.5, torch.randn(c, dtype=dtype)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 8e-2}[dtype]
+    y, m, v = N.train_forward(x, w, b, 1e-5, axis, "relu", 0.0)
+    ry, rm, rv = kernels.torch_backend.train_forward(x, w, b, 1e-5, axis, "relu", 0.0)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert_close(y, ry, rtol=tol, atol=tol, what=f"{dtype} {layout} y")
+    assert_close(v, rv, rtol=max(tol, 1e-6), atol=tol, what="var")
+    dy = torch.randn_like(x)
+    got = N.backward(dy, x, y, w, b, m, v, 1e-5, axis, "relu", 0.0)
+    want = kernels.torch_backend.backward(dy, x, ry, w, b, rm, rv, 1e-5, axis, "relu", 0.0)
+    for g, r, name in zip(got, want, ("dx", "dw", "db")):
+        assert g.dtype == r.dtype
+        if dtype in (torch.float64, torch.float32):  # (half: relu masks may differ at rounding ties)
+            assert_close(g, r, rtol=tol * 10, atol=tol * 10, what=f"{dtype} {layout} {name}")
+
+
+def _ops_in_a_step(backend: str, x: torch.Tensor) -> int:
+    m = batchnorm.BatchNormAct2d(x.shape[1], running_var_unbiased=False)  # the functional path
+    xg = x.clone().requires_grad_()
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    with kernels.use_backend(backend), torch.profiler.profile(activities=acts) as prof:
+        m(xg).sum().backward()
+    return sum(1 for e in prof.events() if e.name.startswith("aten::"))
+
+
+def test_native_backend_runs_fewer_ops_per_step_than_the_composite():
+    x = torch.randn(8, 4, 5, 5)
+    native, composite = _ops_in_a_step("native", x), _ops_in_a_step("torch", x)
+    assert native < composite, (native, composite)
+
+
+def test_auto_sends_small_inputs_to_native_and_backend_for_says_so():
+    small = torch.randn(8, 16, 4, 4)
+    assert small.numel() < kernels.NATIVE_BELOW["train"]
+    assert batchnorm.backend_for(small) == "native"
+    assert batchnorm.backend_for(small, training=False) == "native"
+    assert batchnorm.backend_for(torch.randn(4, 3).to(torch.bfloat16)) == "native"
+    with batchnorm.use_backend("torch"):
+        assert batchnorm.backend_for(small) == "torch"
+    with batchnorm.use_backend("native"):
+        assert batchnorm.backend_for(torch.randn(64, 64, 64, 64)[:, :, ::2]) == "native"
+    assert "native" in kernels.available_backends()
+
+
+@pytest.mark.parametrize("cls,shape,act", [(batchnorm.BatchNorm1d, (60, 30), None),
+                                           (batchnorm.BatchNorm2d, (8, 16, 8, 8), None),
+                                           (batchnorm.BatchNormAct2d, (8, 16, 4, 4), nn.ReLU)])
+def test_modules_on_the_native_path_are_torch_bit_for_bit(cls, shape, act):
+    torch.manual_seed(2)
+    ours = cls(shape[1], momentum=None)
+    theirs = getattr(nn, cls.__name__.replace("Act", ""))(shape[1], momentum=None)
+    assert batchnorm.backend_for(torch.randn(shape)) == "native"
+    for step in range(3):
+        train = step != 1
+        ours.train(train)
+        theirs.train(train)
+        x = torch.randn(shape) * 2 + 1
+        xo, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
+        yo = ours(xo)
+        yt = theirs(xt)
+        if act is not None:
+            yt = act()(yt)
+        assert torch.equal(yo, yt)
+        dy = torch.randn(shape)
+        yo.backward(dy)
+        yt.backward(dy)
+        assert torch.equal(xo.grad, xt.grad) and torch.equal(ours.weight.grad, theirs.weight.grad)
+        for (k, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
+            assert torch.equal(a, b), k
+
+
+def test_eval_with_ill_conditioned_running_statistics_keeps_our_accuracy():
+    # running mean 1e4 with std 1: torch's folded eval normalisation would be 6e-4 off; ours is not
+    m = batchnorm.BatchNorm2d(4).eval()
+    with torch.no_grad():
+        m.running_mean.fill_(1e4)
+        m.running_var.fill_(1.0)
+    x = (torch.randn(8, 4, 3, 3, dtype=torch.float64) + 1e4).float()
+    want = (x.double() - 1e4) / np.sqrt(1.0 + 1e-5)
+    assert_close(m(x), want, rtol=1e-5, atol=1e-5, what="eval at running mean 1e4")
+    with torch.no_grad():  # well conditioned again: the cached check follows the buffers' versions
+        m.running_mean.zero_()
+    assert_close(m(x - 1e4), (x.double() - 1e4) / np.sqrt(1.0 + 1e-5), rtol=1e-5, atol=1e-5, what="after")
+
+
+@pytest.mark.parametrize("act", ["silu", "hardswish", "gelu", "gelu_tanh", "sigmoid", "tanh"])
+def test_smooth_activations_on_small_inputs_are_applied_not_left_to_the_native_kernel(act):
+    # torch's native kernel only has the activations it can apply in place and differentiate from y;
+    # a small input with a smooth activation must not go there and come back without its activation
+    from batchnorm.kernels import native_backend, select, torch_backend
+
+    x = torch.randn(8, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert select(x, 1, act) is not native_backend
+    layer = batchnorm.BatchNormAct2d(4, activation=act).double()
+    y = layer(x)
+    ref = torch_backend.act_forward(
+        torch.nn.functional.batch_norm(x, None, None, layer.weight, layer.bias, True, 0.1, layer.eps), act, 0.0)
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    gx, = torch.autograd.grad(y.sum(), x)
+    gref, = torch.autograd.grad(ref.sum(), x)
+    torch.testing.assert_close(gx, gref, rtol=1e-10, atol=1e-10)
