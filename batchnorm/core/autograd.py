@@ -115,6 +115,19 @@ def capturing() -> bool:
     return torch._C._is_tracing() or _transformed()
 
 
+def refuse_capture(op: str, input: object) -> None:
+    """Raise if a graph is being captured or a transform runs (:func:`capturing`, or an fx Proxy): for
+    a layer whose step runs kernels or buffer writes a tracer cannot record (InPlace-ABN; Batch Renorm
+    and Ghost BN in training), a captured graph would silently compute something else."""
+    if isinstance(input, torch.fx.Proxy) or capturing():
+        raise RuntimeError(
+            f"{op}: this step cannot be captured (torch.jit.trace/script, torch.export, ONNX export, "
+            f"torch.fx, torch.func transforms): its kernels are invisible to the tracer, so the graph would "
+            f"compute something else. Capture the eval-mode equivalent instead (batchnorm.convert_to_torch, "
+            f"or batchnorm.onnx.prepare_for_export / batchnorm.onnx.export), or run the step eagerly or "
+            f"under torch.compile")
+
+
 def train_apply(x, weight, bias, eps, channel_axis, act, slope):
     """``(y, mean, var)`` of BN training: :class:`BatchNormTrainFn` eagerly, the custom op when compiling,
     the composite torch ops while a graph is captured or a transform runs (:func:`capturing`).

@@ -53,7 +53,7 @@ import torch
 from torch import nn
 
 from .._checks import check_input
-from ..core.autograd import train_apply
+from ..core.autograd import refuse_capture, train_apply
 from ..core.functional import RunningStats, _check_train_args, _skip_nonfinite, update_running_stats
 from ..core.modules import _BatchNorm
 from ..stats import merge_moments
@@ -304,6 +304,7 @@ class _GhostBatchNorm(_BatchNorm):
         if not self._use_batch_stats():
             return super().forward(input)  # inference with running statistics: plain BN
         op = type(self).__name__
+        refuse_capture(op, input)
         x, axis = check_input(op, input, ranks=self._ranks, channel_axis=self.channel_axis,
                               num_features=self.num_features, training=True)
         return self._train_step(ghost_batch_norm_train, x, axis, virtual_batch_size=self.virtual_batch_size,

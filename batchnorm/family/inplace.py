@@ -104,6 +104,7 @@ from .._checks import (
     check_eps,
     check_input,
 )
+from ..core.autograd import refuse_capture
 from ..core.functional import RunningStats, _check_train_args, _skip_nonfinite, update_running_stats
 from ..core.modules import _BatchNorm
 from ..kernels.torch_backend import act_grad_from_output
@@ -674,6 +675,7 @@ class _InPlaceABN(_BatchNorm):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         op = type(self).__name__
+        refuse_capture(op, input)  # (eval too: its |γ| + ε_γ scale and in-place write are not torch's BN)
         batch_stats = self._use_batch_stats()
         x, axis = check_input(op, input, ranks=self._ranks, channel_axis=self.channel_axis,
                               num_features=self.num_features, training=batch_stats)

@@ -57,6 +57,7 @@ from torch import nn
 from .. import kernels
 from .._checks import check_channel_tensor, check_eps, check_input
 from ..core import functional as F
+from ..core.autograd import refuse_capture
 from ..core.functional import RunningStats
 from ..core.modules import _BatchNorm
 from ..kernels import torch_backend
@@ -352,6 +353,7 @@ class _BatchRenorm(_BatchNorm):
             # tracking switched off after construction, as torch treats it): plain BN.
             return super().forward(input)
         op = type(self).__name__
+        refuse_capture(op, input)
         x, axis = check_input(op, input, ranks=self._ranks, channel_axis=self.channel_axis,
                               num_features=self.num_features, training=True)
         r_max, d_max = self.current_limits()
