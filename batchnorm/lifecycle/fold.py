@@ -89,7 +89,15 @@ def _out_channels(layer: nn.Module) -> int:
 
 
 def _activation_module(bn: nn.Module) -> nn.Module:
-    return _bnlayers.activation_module(*_bnlayers.activation(bn))
+    """What stays of ``bn`` after its affine map is folded away: its fused activation, followed by any
+    ``drop``/``act`` children it calls after BN (timm's ``BatchNormAct2d``, our ``TimmBatchNormAct2d``:
+    ``act(drop(BN(x)))``), so e.g. a SiLU there is kept rather than silently dropped."""
+    fused = _bnlayers.activation_module(*_bnlayers.activation(bn))
+    post = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None))
+            if isinstance(m, nn.Module) and not isinstance(m, nn.Identity)]
+    if not post:
+        return fused
+    return nn.Sequential(*([] if isinstance(fused, nn.Identity) else [fused]), *post)
 
 
 def _check_pair(op: str, layer: nn.Module, bn: nn.Module, where: str = "") -> None:

@@ -218,19 +218,9 @@ def test_zoo_compile_fullgraph():
         assert_close(b, a, rtol=1e-5, atol=1e-6, what="compile running stats")
 
 
-_FOLD_HF = pytest.param("hf_resnet", marks=pytest.mark.xfail(
-    strict=True, reason="fold_bn finds no pairs where torch.fx cannot trace (transformers' ResNet), even "
-    "with example_inputs: issue 21's 'fold_bn on any model', batchnorm/lifecycle/fold.py"))
-
-
-_FOLD_TIMM_SILU = pytest.param("timm_mobilenetv3_small_100", marks=pytest.mark.xfail(
-    strict=True, reason="fold_bn replaces a BN + act layer (timm's BatchNormAct2d, our TimmBatchNormAct2d) "
-    "by the fused activation only, so timm's Hardswish/SiLU is dropped: silently wrong "
-    "(batchnorm/lifecycle/fold.py)"))
-
-
-@pytest.mark.parametrize("name", ["tv_resnet18", "timm_resnet18", _FOLD_HF,
-                                  _FOLD_TIMM_SILU])
+# transformers' ResNet: fx cannot trace it, fold_bn finds the pairs from a recorded run;
+# timm's MobileNetV3: BN + act layers whose Hardswish must survive the fold
+@pytest.mark.parametrize("name", ["tv_resnet18", "timm_resnet18", "hf_resnet", "timm_mobilenetv3_small_100"])
 def test_zoo_fold(name):
     _, ours = _pair(name, torch.float64)
     x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
