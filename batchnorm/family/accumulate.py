@@ -78,9 +78,9 @@ _TORCH_BN = nn.modules.batchnorm._BatchNorm
 
 def _plain(m: nn.Module) -> bool:
     """Layers whose training statistics are plain (masked) batch moments of their input."""
-    if isinstance(m, _TORCH_BN):
-        return type(m).forward in (_TORCH_BN.forward, nn.SyncBatchNorm.forward)
-    return isinstance(m, _BatchNorm) and type(m).forward in (_BatchNorm.forward, SyncBatchNorm.forward)
+    if isinstance(m, _BatchNorm):  # (ours first: our classes are torch's classes too)
+        return type(m).forward in (_BatchNorm.forward, SyncBatchNorm.forward)
+    return isinstance(m, _TORCH_BN) and type(m).forward in (_TORCH_BN.forward, nn.SyncBatchNorm.forward)
 
 
 def _peers(m: nn.Module) -> tuple[bool, Any]:
