@@ -116,7 +116,9 @@ class _TimmNormAct:
 
     def _set_post(self, drop: nn.Module, act: nn.Module) -> None:
         fused = _act_of(act) if type(drop) is nn.Identity else None
-        if fused is not None:
+        # (only the piecewise-linear family and ELU, as documented: a SiLU/Hardswish stays timm's module,
+        # which timm's own tools, e.g. freeze_batch_norm_2d, expect to find as ``act``)
+        if fused is not None and fused[0] in ("relu", "leaky_relu", "elu"):
             self.activation, self.negative_slope = fused
             act = nn.Identity()
         else:
