@@ -101,6 +101,11 @@ def test_forward_matches_torch(info, mi, dtype, training):
     for step in range(2):  # twice: the running statistics of the first call feed the second
         assert_close(ours(x), ref(x), **tol, what=f"forward {step}")
     for (k, a), b in zip(ref.state_dict().items(), ours.state_dict().values()):
+        if k == "num_batches_tracked" and x.numel() == 0 and training:
+            # a documented difference (core/modules.py, README): an empty batch is no batch seen, so our
+            # count stays (torch bumps it, which shifts momentum=None's cumulative average)
+            assert int(b) == 0 and int(a) > 0, (int(b), int(a))
+            continue
         assert_close(b, a, **tol, what=k)
 
 
