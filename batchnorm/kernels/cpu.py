@@ -75,7 +75,7 @@ reads the residual beside x (plain stores). Their backward is :mod:`batchnorm.co
 (the activation's backward gives d(residual), then the BN backward of it).
 
 First use: in a fresh cache :func:`supports` answers False while a background process compiles the
-layout's kernels (:mod:`batchnorm.kernels._warmup`); the torch backend serves meanwhile.
+layout's kernels (:mod:`batchnorm.kernels._warmup`); torch's native kernel serves meanwhile.
 
 Threads: the kernels are plain sequential numba functions over a range of channels or rows. A call
 runs as **one OpenMP parallel region on torch's own thread team** (:mod:`batchnorm.kernels._omp`):
