@@ -32,20 +32,6 @@ _OURS = {nn.BatchNorm1d: bn.BatchNorm1d, nn.BatchNorm2d: bn.BatchNorm2d, nn.Batc
 _INFOS = {m.name: m for m in common_modules.module_db if m.module_cls in _OURS}
 
 
-def _empty_batches_work() -> bool:
-    try:
-        bn.BatchNorm2d(3)(torch.randn(0, 3, 2, 2))
-    except ValueError:
-        return False
-    return True
-
-
-# module_db's zero_batch inputs need empty-batch support, the core half of issue 21: until our layers
-# accept (0, C, ...) they are expected failures (strict: they must fail), afterwards plain tests.
-_EMPTY = () if _empty_batches_work() else (pytest.mark.xfail(
-    strict=True, raises=ValueError, reason="empty batches are not supported by our layers yet (issue 21)"),)
-
-
 def _cases(dtype: torch.dtype, training: bool, requires_grad: bool = False):
     out = []
     for name, info in _INFOS.items():
@@ -54,9 +40,8 @@ def _cases(dtype: torch.dtype, training: bool, requires_grad: bool = False):
         for i, mi in enumerate(inputs):
             if mi.forward_input is None:
                 continue
-            marks = _EMPTY if _input(mi).shape[0] == 0 else ()
             mode = "train" if training else "eval"
-            out.append(pytest.param(info, mi, id=f"{name[3:]}-{mi.desc or i}-{mode}", marks=marks))
+            out.append(pytest.param(info, mi, id=f"{name[3:]}-{mi.desc or i}-{mode}"))
     return out
 
 

@@ -89,12 +89,7 @@ def test_func_replace_all_batch_norm_modules_then_vmap():
     assert layer.running_mean is None and layer.running_var is None and not layer.track_running_stats
     xs = torch.randn(3, 4, 3, 6, 6, dtype=torch.float64)  # 3 independent batches of 4
     params = dict(model.named_parameters())
-    try:
-        out = vmap(lambda x: functional_call(model, params, (x,)))(xs)
-    except RuntimeError as e:
-        if "setup_context" not in str(e):
-            raise
-        pytest.xfail("our autograd.Function has no setup_context yet (issue 21 core half: transforms)")
+    out = vmap(lambda x: functional_call(model, params, (x,)))(xs)
     want = torch.stack([model(x) for x in xs])
     assert_close(out, want, rtol=1e-10, atol=1e-12, what="vmap after replace_all_batch_norm_modules_")
 
