@@ -103,6 +103,9 @@ def _module_case(data, g):
     if kind in ("nan batch", "one value per channel") and not (training and name in (
             "BatchNorm2d", "InPlaceABN2d")):
         kind = "channels"  # only these policies/paths reject those inputs
+    if kind == "empty" and (name in ("BatchNorm2d", "BatchNormAct2d") or (
+            not training and name in ("BatchRenorm2d", "GhostBatchNorm2d"))):
+        kind = "channels"  # an empty batch is valid there (an empty output, state unchanged, as in torch)
     _give_grads(m, g)
     x = _bad_module_input(kind, n, c, hw)
     _check(lambda: m(x), m, x)
