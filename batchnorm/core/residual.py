@@ -40,6 +40,7 @@ from .. import kernels
 from .._checks import check_activation, check_channel_tensor, check_eps, check_input
 from ..kernels import torch_backend
 from ..stats import batch_moments
+from .autograd import _records
 from .functional import RunningStats, _check_train_args, _skip_nonfinite, update_running_stats
 from .modules import _BatchNormAct
 
@@ -142,10 +143,6 @@ def _check_residual(op: str, x: torch.Tensor, residual: object) -> torch.Tensor:
         raise ValueError(f"{op}: the residual is {residual.dtype} on {residual.device} but the input is "
                          f"{x.dtype} on {x.device}; cast or move it (residual.to(x))")
     return residual
-
-
-def _records(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def batch_norm_add_act_train(
