@@ -194,9 +194,10 @@ def _forward(x, m, n, first, y, w, b, eps, act, slope, mean, var, tmp, zero, nt,
 
 
 @nb.njit(**_FLAGS)
-def _backward(x, dy, y, m, k, lo, invstd, scale, n, act, slope, g, h, dx, tmp, zero, c0, c1):
+def _backward(x, dy, y, m, k, lo, invstd, scale, n, act, slope, g, h, dx, tmp, zero, nt, c0, c1):
     """Backward of channels [c0, c1), one channel at a time (its sums, then its dx while the channel
-    is still in cache): ``g``, ``h`` (float64) and ``dx``."""
+    is still in cache): ``g``, ``h`` (float64) and ``dx``. ``nt``: stream dx (identity only; every
+    run dx[i, c] must start on a 64-byte line)."""
     for c in range(c0, c1):
         _grad_sums(x, dy, y, k, act, slope, g, h, zero, c, c + 1)
         hc = (h[c] - lo[c] * g[c]) * invstd[c]  # Σ dz·x̂ = (Σ dz·(x − k) − (μ − k)·Σ dz)·invstd
@@ -209,7 +210,15 @@ def _backward(x, dy, y, m, k, lo, invstd, scale, n, act, slope, g, h, dx, tmp, z
         tmp[5] = hc / n
         kc, loc, iv, sc, gn, hn = tmp[0], tmp[1], tmp[2], tmp[3], tmp[4], tmp[5]
         N, _, L = x.shape
-        if act == 0:
+        if act == 0 and nt:  # streaming stores: no read-for-ownership of dx's lines
+            for i in range(N):
+                xr, dyr, mr, dxr = x[i, c], dy[i, c], m[i], dx[i, c]
+                for j in range(L):
+                    dz = dyr[j]
+                    xh = ((xr[j] - kc) - loc) * iv
+                    v = dz - (gn + xh * hn)
+                    _stream.store(dxr, j, sc * (v if mr[j] != 0 else dz))
+        elif act == 0:
             for i in range(N):
                 xr, dyr, mr, dxr = x[i, c], dy[i, c], m[i], dx[i, c]
                 for j in range(L):
@@ -225,6 +234,8 @@ def _backward(x, dy, y, m, k, lo, invstd, scale, n, act, slope, g, h, dx, tmp, z
                     xh = ((xr[j] - kc) - loc) * iv
                     v = dz - (gn + xh * hn)
                     dxr[j] = sc * (v if mr[j] != 0 else dz)
+    if nt:
+        _stream.fence()
 
 
 # =============================================================================================
@@ -268,7 +279,7 @@ def _team_masked_backward_body(blk, dt):
               _at(blk[_M_M], (N, L), np.uint8), _at(blk[_M_K], C, dt), _at(blk[_M_LO], C, f64),
               _at(blk[_M_INV], C, f64), _at(blk[_M_SCALE], C, f64), fv[_M_COUNT], blk[_M_ACT],
               dt(fv[_M_SLOPE]), _at(blk[_M_G], C, f64), _at(blk[_M_H], C, f64), _at(blk[_M_DX], sh, dt),
-              tmp[t], dt(0), c0, c1)
+              tmp[t], dt(0), blk[_M_NT] != 0, c0, c1)
 
 
 # The callbacks ``void fn(int64 *block)`` (module-level functions: numba's cache keys on them).
@@ -399,17 +410,18 @@ def masked_backward(dy, x, y, mask, count, weight, bias, mean, var, eps, channel
     kn, lon, ivn, scn, gv, hv = k.numpy(), lo.numpy(), invstd.numpy(), scale.numpy(), g.numpy(), h.numpy()
     n = float(count)
     parts = _parts(x)
+    nt = act == "identity" and _streams(dx, act, xn.shape[2])
     if _omp.runtime():  # one region on torch's OpenMP team
         tmp = np.zeros((len(parts), 8), xn.dtype)
         _launch("backward", xn, len(parts), {
             _M_X: _addr(xn), _M_DY: _addr(dyn), _M_Y: _addr(yn), _M_M: _addr(mn), _M_K: _addr(kn),
             _M_LO: _addr(lon), _M_INV: _addr(ivn), _M_SCALE: _addr(scn), _M_G: _addr(gv), _M_H: _addr(hv),
             _M_DX: _addr(dxn), _M_TMP: _addr(tmp), _M_ACT: code, _M_SLOPE: _bits(slope),
-            _M_COUNT: _bits(n)}, len(parts))
+            _M_COUNT: _bits(n), _M_NT: int(nt)}, len(parts))
     else:  # the Python thread pool
         tmps = [np.zeros(6, xn.dtype) for _ in parts]
         _parallel(lambda c0, c1, t: _backward(xn, dyn, yn, mn, kn, lon, ivn, scn, n, code, sl, gv, hv, dxn, t,
-                                              zero, c0, c1),
+                                              zero, nt, c0, c1),
                   [(c0, c1, t) for (c0, c1), t in zip(parts, tmps)])
     dweight = None if weight is None else h.to(weight.dtype)
     dbias = None if bias is None else g.to(bias.dtype)

@@ -168,3 +168,27 @@ def test_masked_kernels_in_a_forked_child_use_the_pool_with_the_same_bits():
     finally:
         torch.set_num_threads(old)
     assert os.waitstatus_to_exitcode(status) == 0, "the forked child's result differs (or it used OpenMP)"
+
+
+@pytest.mark.parametrize("runner", ["team", "pool"])
+def test_streamed_dx_equals_plain_stores(runner, monkeypatch):
+    """Large dx (identity) is written with streaming stores (kernels/_stream.py): same bits as plain
+    stores, on both runners."""
+    from batchnorm.kernels import cpu
+
+    if runner == "team" and not _omp.runtime():
+        pytest.skip("torch here has no OpenMP team to run on")
+    if runner == "pool":
+        monkeypatch.setattr(_omp, "_state", {"lib": ""})
+    x, mask, dy, w, b = _case(torch.float32, seed=3, shape=(8, 6, 4192))  # rows of 4192 floats: 64-byte lines
+    plain = _run(x, mask, dy, w, b, "identity", 0.0)
+    monkeypatch.setattr(cpu, "STREAM_MIN_BYTES", 0)
+    streamed = False
+    for _ in range(4):  # (a fresh pool buffer may be unaligned: then it does not stream; try a few)
+        out = _run(x, mask, dy, w, b, "identity", 0.0, clone=False)
+        streamed = cpu._streams(out["dx"], "identity", 4192)
+        if streamed:
+            break
+    assert streamed, "the streamed path did not run"
+    for name, a in plain.items():
+        assert torch.equal(out[name], a), name
