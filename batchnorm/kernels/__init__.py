@@ -122,12 +122,15 @@ def use_backend(name: str) -> Iterator[None]:
 
 
 #: Below this many values per call (per pass: ``"train"`` = training forward and its backward,
-#: ``"eval"`` = inference forward), ``"auto"`` runs torch's native kernel rather than a fast
-#: backend: there the call's fixed cost dominates and torch's is smaller. Measured through the
-#: modules with ``batchnorm bench --small`` (interleaved medians on a 2-core machine); the native
-#: kernel meets the same float64-oracle tolerance as ours below these sizes
-#: (``tests/core/test_core_native.py`` checks each size class, |mean| ≫ std included).
-NATIVE_BELOW: dict[str, int] = {"train": 1 << 16, "eval": 1 << 19}
+#: ``"eval"`` = inference forward), ``"auto"`` runs torch's native kernel for every input rather
+#: than a fast backend: there the call's fixed cost dominates and torch's is smaller. Above it a
+#: fast backend may still hand an input back where torch's kernel is faster for its memory layout
+#: (its ``native_below(x, channel_axis, act, mode)``: :data:`batchnorm.kernels.cpu.CROSSOVER`).
+#: Measured through the modules (``python benchmarks/crossover.py``: our module on each backend,
+#: interleaved medians on a 2-core machine); the native kernel meets the same float64-oracle
+#: tolerance as ours below these sizes (``tests/core/test_core_native.py`` checks each size class,
+#: |mean| ≫ std included).
+NATIVE_BELOW: dict[str, int] = {"train": 1 << 19, "eval": 1 << 21}
 
 
 def select(x: torch.Tensor, channel_axis: int, act: str, mode: str = "train") -> ModuleType:
@@ -146,13 +149,17 @@ def select(x: torch.Tensor, channel_axis: int, act: str, mode: str = "train") ->
                                f"{tuple(x.shape)} on {x.device} (channel_axis={channel_axis}, "
                                f"activation={act!r}); use set_backend('auto') to fall back to torch")
         return mod
-    if (not x.is_cpu or x.numel() < NATIVE_BELOW[mode]) and native_backend.supports(x, channel_axis, act):
+    native = native_backend.supports(x, channel_axis, act)
+    if native and (not x.is_cpu or x.numel() < NATIVE_BELOW[mode]):
         return native_backend
     for n in _FAST_ORDER:
         mod = _load(n)
         if mod is not None and mod.supports(x, channel_axis, act):
+            below = getattr(mod, "native_below", None)
+            if native and below is not None and x.numel() < below(x, channel_axis, act, mode):
+                return native_backend
             return mod
-    return native_backend if native_backend.supports(x, channel_axis, act) else torch_backend
+    return native_backend if native else torch_backend
 
 
 def backend_for(x: torch.Tensor, channel_axis: int = 1, activation: str = "identity", *,

@@ -438,6 +438,30 @@ def eval_backward(dy, x, y, weight, bias, mean, var, eps, channel_axis, act, slo
 _RES_ACTS = ("identity", "relu", "leaky_relu")
 
 
+#: Where our kernels start to beat torch's native kernel, per (pass, memory plan, fused activation):
+#: below ``CROSSOVER[mode, kind, act != "identity"]`` values ``"auto"`` runs the native kernel
+#: (:func:`batchnorm.kernels.select`). ``kind`` is the plan's: ``"ncl"`` (channels-first, an inner
+#: run per channel) or ``"mc"`` ((N, C) and channels-last memory). With an activation ours saves
+#: torch's separate activation pass, so it wins earlier. Measured with ``python
+#: benchmarks/crossover.py`` (our module on both backends, interleaved medians, 2 threads).
+CROSSOVER: dict[tuple[str, str, bool], int] = {
+    ("train", "ncl", False): 1 << 19, ("train", "ncl", True): 1 << 19,
+    ("train", "mc", False): 1 << 22, ("train", "mc", True): 1 << 22,
+    ("eval", "ncl", False): 1 << 23, ("eval", "ncl", True): 1 << 21,
+    ("eval", "mc", False): 1 << 22, ("eval", "mc", True): 1 << 22,
+}
+# (2026-12-03, 2 threads, quiet: numba/native time ratios cross 1 between the sampled powers of
+# two just below these; at 2^23 values ours is 4-7x faster in every layout, where torch's kernel
+# falls out of cache. Below a crossover the native kernel *is* torch's: never slower than torch.)
+
+
+def native_below(x: torch.Tensor, channel_axis: int, act: str, mode: str) -> int:
+    """The size below which torch's native kernel is faster than ours for ``x``'s layout
+    (:data:`CROSSOVER`; ``x`` is one :func:`supports` accepted)."""
+    plan = _plan(x, channel_axis % x.ndim)
+    return CROSSOVER[mode, plan[0] if plan is not None else "ncl", act != "identity"]
+
+
 def supports_residual(x: torch.Tensor, res: torch.Tensor, channel_axis: int, act: str) -> bool:
     """Whether the fused ``act(BN(x) + res)`` kernels run these inputs: what :func:`supports` takes, a
     piecewise-linear activation (identity, relu, leaky_relu), and a plain CPU tensor of x's dtype and

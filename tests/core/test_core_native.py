@@ -39,7 +39,8 @@ def _oracle(x, w, b, eps, axis, act, slope, dy):
     return y.detach(), mean.detach(), var.detach(), dx, dw, db
 
 
-SIZE_CLASSES = [(16, 4), (64, 8, 5), (32, 16, 6, 6), (8, 4, 3, 5, 5), (256, 32, 8, 8)]
+# (up to the largest inputs `auto` sends to native: kernels.cpu.CROSSOVER, 2^22 values in (M, C) memory)
+SIZE_CLASSES = [(16, 4), (64, 8, 5), (32, 16, 6, 6), (8, 4, 3, 5, 5), (256, 32, 8, 8), (16384, 256)]
 
 
 @pytest.mark.parametrize("shape", SIZE_CLASSES, ids=["x".join(map(str, s)) for s in SIZE_CLASSES])
@@ -129,6 +130,37 @@ def test_auto_sends_small_inputs_to_native_and_backend_for_says_so():
     with batchnorm.use_backend("native"):
         assert batchnorm.backend_for(torch.randn(64, 64, 64, 64)[:, :, ::2]) == "native"
     assert "native" in kernels.available_backends()
+
+
+def test_auto_hands_an_input_back_to_native_below_its_layouts_crossover():
+    pytest.importorskip("numba")
+    from batchnorm.kernels import cpu
+
+    assert set(cpu.CROSSOVER) == {(m, k, a) for m in ("train", "eval") for k in ("ncl", "mc")
+                                  for a in (False, True)}
+    for mode in ("train", "eval"):  # the global floor is below every layout's crossover
+        assert kernels.NATIVE_BELOW[mode] <= min(v for (m, _, _), v in cpu.CROSSOVER.items() if m == mode)
+    n = cpu.CROSSOVER["train", "ncl", False]
+    nchw = torch.randn(n // (64 * 256), 64, 16, 16)
+    with kernels.use_backend("numba"):  # compiles the kernels here if this process has not yet
+        batchnorm.BatchNorm2d(64)(nchw)
+    assert batchnorm.backend_for(nchw) == "numba"
+    assert batchnorm.backend_for(nchw[: nchw.shape[0] // 2]) == "native"  # below the crossover
+    nhwc = nchw.contiguous(memory_format=torch.channels_last)
+    assert nhwc.numel() < cpu.CROSSOVER["train", "mc", False]
+    with kernels.use_backend("numba"):
+        batchnorm.BatchNorm2d(64)(nhwc)
+    assert batchnorm.backend_for(nhwc) == "native"  # the same size in (M, C) memory: torch's wins
+    big = torch.randn(cpu.CROSSOVER["train", "mc", False] // 256, 256)
+    with kernels.use_backend("numba"):
+        batchnorm.BatchNorm1d(256)(big)
+    assert batchnorm.backend_for(big) == "numba"
+    assert batchnorm.backend_for(big, training=False) == "numba"
+    assert batchnorm.backend_for(big[: big.shape[0] // 2], training=False) == "native"
+    # with a fused activation torch needs a second pass: ours wins earlier in eval (ncl)
+    ev = torch.randn(cpu.CROSSOVER["eval", "ncl", True] // (64 * 256), 64, 16, 16)
+    assert batchnorm.backend_for(ev, activation="relu", training=False) == "numba"
+    assert batchnorm.backend_for(ev, training=False) == "native"
 
 
 @pytest.mark.parametrize("cls,shape,act", [(batchnorm.BatchNorm1d, (60, 30), None),

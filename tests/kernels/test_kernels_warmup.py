@@ -53,7 +53,7 @@ def warm(monkeypatch, tmp_path):
 
 def test_torch_serves_until_the_marker_appears(warm):
     tmp_path, spawned = warm
-    x = torch.randn(16, 64, 8, 8)  # (at least NATIVE_BELOW["train"] values: smaller ones run native anyway)
+    x = torch.randn(32, 64, 16, 16)  # (at least NATIVE_BELOW["train"] values: smaller ones run native anyway)
     assert batchnorm.backend_for(x) == "native"
     assert batchnorm.backend_for(x) == "native"
     assert spawned == [("ncl", "f32")], "one background compile per layout × dtype"
@@ -117,7 +117,7 @@ def test_a_killed_compile_leaves_no_marker(tmp_path):
 
 SCRIPT = r"""
 import time, torch, batchnorm
-x = torch.randn(16, 64, 8, 8, requires_grad=True)  # (>= NATIVE_BELOW["train"]: smaller runs native anyway)
+x = torch.randn(32, 64, 16, 16, requires_grad=True)  # (>= NATIVE_BELOW["train"]: smaller runs native anyway)
 m = batchnorm.BatchNorm2d(64)
 t = time.perf_counter(); m(x).sum().backward(); first = time.perf_counter() - t
 assert batchnorm.backend_for(x.detach()) == "native", "a fresh cache must not make the first step wait"
