@@ -305,6 +305,9 @@ class _GhostBatchNorm(_BatchNorm):
             return super().forward(input)  # inference with running statistics: plain BN
         op = type(self).__name__
         refuse_capture(op, input)
+        # an empty batch (no ghost batches): as BN, an empty output, state unchanged
+        if isinstance(input, torch.Tensor) and input.numel() == 0:
+            return super().forward(input)
         x, axis = check_input(op, input, ranks=self._ranks, channel_axis=self.channel_axis,
                               num_features=self.num_features, training=True)
         return self._train_step(ghost_batch_norm_train, x, axis, virtual_batch_size=self.virtual_batch_size,

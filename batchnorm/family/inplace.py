@@ -677,6 +677,12 @@ class _InPlaceABN(_BatchNorm):
         op = type(self).__name__
         refuse_capture(op, input)  # (eval too: its |γ| + ε_γ scale and in-place write are not torch's BN)
         batch_stats = self._use_batch_stats()
+        if isinstance(input, torch.Tensor) and input.numel() == 0:
+            # an empty batch, train or eval: as BN (an empty output, zero dγ/dβ, state unchanged,
+            # num_batches_tracked not bumped); a fresh tensor, nothing to write in place
+            if not self.eps > 0:
+                raise ValueError(f"{op}: eps must be positive, got eps={self.eps}")
+            return self._forward_empty(input, batch_stats)
         x, axis = check_input(op, input, ranks=self._ranks, channel_axis=self.channel_axis,
                               num_features=self.num_features, training=batch_stats)
         if not batch_stats:

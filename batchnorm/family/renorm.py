@@ -354,6 +354,10 @@ class _BatchRenorm(_BatchNorm):
             return super().forward(input)
         op = type(self).__name__
         refuse_capture(op, input)
+        # an empty batch: as BN (an empty output, zero dγ/dβ, state unchanged, num_batches_tracked not
+        # bumped, so the r/d schedule stays put)
+        if isinstance(input, torch.Tensor) and input.numel() == 0:
+            return super().forward(input)
         x, axis = check_input(op, input, ranks=self._ranks, channel_axis=self.channel_axis,
                               num_features=self.num_features, training=True)
         r_max, d_max = self.current_limits()

@@ -49,6 +49,7 @@ from ..core.modules import (
     BatchNormAct3d,
     _BatchNorm,
 )
+from ..kernels import torch_backend
 
 __all__ = ["FrozenBatchNorm", "freeze", "unfreeze"]
 
@@ -156,11 +157,37 @@ class FrozenBatchNorm(nn.Module):
         return s + f", ranks={self.ranks}, train_affine={self.train_affine}"
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if isinstance(input, torch.Tensor) and input.numel() == 0:
+            return self._forward_empty(input)
         x, axis = check_input(type(self).__name__, input, ranks=self.ranks, channel_axis=self.channel_axis,
                               num_features=self.num_features)
         return F.batch_norm_eval(x, self.running_mean, self.running_var, self.weight, self.bias, eps=self.eps,
                                  channel_axis=axis, activation=self.activation,
                                  negative_slope=self.negative_slope)
+
+    def _forward_empty(self, input: torch.Tensor) -> torch.Tensor:
+        """An empty batch (``N = 0``), as the BatchNorm* layers: an empty output connected to the graph
+        (an empty ``dx``, zero ``dγ``/``dβ``), buffers untouched. The checks are ``check_input``'s, run
+        on a stand-in whose empty non-channel dimensions hold 2 entries."""
+        op = type(self).__name__
+        nd, ca = input.ndim, self.channel_axis
+        ax = ca % nd if nd and -nd <= ca < nd else None
+        shape = [d if (d or i == ax) else 2 for i, d in enumerate(input.shape)]
+        if ax is not None and shape[ax] == 0 and nd in self.ranks and input.is_floating_point() \
+                and self.num_features == 0:
+            return input.clone()
+        stand_in = torch.empty(shape, dtype=input.dtype, device="meta")
+        try:
+            axis = check_input(op, stand_in, ranks=self.ranks, channel_axis=ca,
+                               num_features=self.num_features)[1]
+        except ValueError as e:  # the message names the real shape, not the stand-in's
+            raise ValueError(str(e).replace(str(tuple(shape)), str(tuple(input.shape)))) from None
+        w, b = self.weight, self.bias
+        w = w if w is None or w.dtype == input.dtype else w.to(input.dtype)
+        b = b if b is None or b.dtype == input.dtype else b.to(input.dtype)
+        rm, rv = self.running_mean.to(input.dtype), self.running_var.to(input.dtype)
+        y = nn.functional.batch_norm(input.movedim(axis, 1), rm, rv, w, b, False, 0.0, self.eps)
+        return torch_backend.act_forward(y.movedim(1, axis), self.activation, self.negative_slope)
 
     # -- conversion both ways -------------------------------------------------------------------
     @classmethod

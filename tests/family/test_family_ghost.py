@@ -418,3 +418,47 @@ def test_every_backend_matches_reference(backend, axis):
     em, ev, _ = ghost_update_average(_np(rm), _np(rv), means, vars_, _counts(sizes, x, axis), 0.1, 0)
     assert_close(new.mean, em, rtol=1e-12, atol=1e-12, what="running_mean")
     assert_close(new.var, ev, rtol=1e-12, atol=1e-12, what="running_var")
+
+
+# ---------------------------------------------------------------- empty batch (N = 0), as BatchNorm*
+def _assert_empty_batch_changes_nothing(layer, shape):
+    """An empty batch: an empty output, an empty dx, zero dγ/dβ, every buffer and parameter unchanged
+    (num_batches_tracked included)."""
+    import copy
+
+    state = copy.deepcopy(layer.state_dict())
+    params = [p.detach().clone() for p in layer.parameters()]
+    x = torch.randn(shape, requires_grad=True)
+    y = layer(x)
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+    for p in layer.parameters():
+        if p.requires_grad:
+            assert p.grad is not None and torch.equal(p.grad, torch.zeros_like(p))
+    after = layer.state_dict()
+    assert state.keys() == after.keys()
+    for k, v in state.items():
+        assert torch.equal(v, after[k]), k
+    for p0, p in zip(params, layer.parameters()):
+        assert torch.equal(p0, p)
+
+
+@pytest.mark.parametrize("cls,shape", [(GhostBatchNorm1d, (0, 3)), (GhostBatchNorm1d, (0, 3, 5)),
+                                       (GhostBatchNorm2d, (0, 3, 4, 4)), (GhostBatchNorm3d, (0, 3, 2, 2, 2))])
+@pytest.mark.parametrize("remainder", ["error", "merge_last", "allow_smaller"])
+@pytest.mark.parametrize("stats_update", ["average", "sequential"])
+def test_ghost_empty_batch_changes_nothing(cls, shape, remainder, stats_update):
+    layer = cls(3, virtual_batch_size=4, remainder=remainder, stats_update=stats_update, momentum=None)
+    with torch.no_grad():
+        layer.running_mean.uniform_(-1, 1)
+        layer.running_var.uniform_(0.5, 2)
+        layer.num_batches_tracked.fill_(3)
+    _assert_empty_batch_changes_nothing(layer, shape)
+    layer.eval()
+    _assert_empty_batch_changes_nothing(layer, shape)
+
+
+def test_ghost_empty_batch_still_checks_the_shape():
+    with pytest.raises(ValueError, match="channels"):
+        GhostBatchNorm2d(3, virtual_batch_size=2)(torch.randn(0, 4, 2, 2))

@@ -458,3 +458,52 @@ def test_every_backend_matches_paper(backend):
     em, ev, _ = ref.update_running_stats(_np(rm), _np(rv), mu_b, var_b, x.numel() // 3, 0.1, 0)
     assert_close(new.mean, em, rtol=1e-12, atol=1e-12, what="running_mean")
     assert_close(new.var, ev, rtol=1e-12, atol=1e-12, what="running_var")
+
+
+# ---------------------------------------------------------------- empty batch (N = 0), as BatchNorm*
+def _assert_empty_batch_changes_nothing(layer, shape):
+    """An empty batch: an empty output, an empty dx, zero dγ/dβ, every buffer and parameter unchanged
+    (num_batches_tracked included)."""
+    import copy
+
+    state = copy.deepcopy(layer.state_dict())
+    params = [p.detach().clone() for p in layer.parameters()]
+    x = torch.randn(shape, requires_grad=True)
+    y = layer(x)
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+    for p in layer.parameters():
+        if p.requires_grad:
+            assert p.grad is not None and torch.equal(p.grad, torch.zeros_like(p))
+    after = layer.state_dict()
+    assert state.keys() == after.keys()
+    for k, v in state.items():
+        assert torch.equal(v, after[k]), k
+    for p0, p in zip(params, layer.parameters()):
+        assert torch.equal(p0, p)
+
+
+@pytest.mark.parametrize("cls,shape", [(BatchRenorm1d, (0, 3)), (BatchRenorm1d, (0, 3, 5)),
+                                       (BatchRenorm2d, (0, 3, 4, 4)), (BatchRenorm3d, (0, 3, 2, 2, 2))])
+@pytest.mark.parametrize("training", [True, False])
+def test_renorm_empty_batch_changes_nothing(cls, shape, training):
+    layer = cls(3, r_max=2.0, d_max=1.0, activation="relu")
+    with torch.no_grad():
+        layer.running_mean.uniform_(-1, 1)
+        layer.running_var.uniform_(0.5, 2)
+        layer.num_batches_tracked.fill_(7)
+    layer.train(training)
+    _assert_empty_batch_changes_nothing(layer, shape)
+
+
+def test_renorm_empty_batch_keeps_schedule_step():
+    layer = BatchRenorm2d(3)  # the default schedule reads num_batches_tracked
+    before = layer.current_limits()
+    layer(torch.randn(0, 3, 2, 2))
+    assert int(layer.num_batches_tracked) == 0 and layer.current_limits() == before
+
+
+def test_renorm_empty_batch_still_checks_the_shape():
+    with pytest.raises(ValueError, match="channels"):
+        BatchRenorm2d(3)(torch.randn(0, 4, 2, 2))

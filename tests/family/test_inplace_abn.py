@@ -369,3 +369,47 @@ def test_property_random_shapes_match_oracle(rank, c, n, last, act, slope, inpla
     assert_close(dx, dxr, rtol=1e-8, atol=1e-9, what="dx")
     assert_close(dw, dwr, rtol=1e-8, atol=1e-9, what="dweight")
     assert_close(db, dbr, rtol=1e-8, atol=1e-9, what="dbias")
+
+
+# ---------------------------------------------------------------- empty batch (N = 0), as BatchNorm*
+def _assert_empty_batch_changes_nothing(layer, shape):
+    """An empty batch: an empty output, an empty dx, zero dγ/dβ, every buffer and parameter unchanged
+    (num_batches_tracked included)."""
+    import copy
+
+    state = copy.deepcopy(layer.state_dict())
+    params = [p.detach().clone() for p in layer.parameters()]
+    x = torch.randn(shape, requires_grad=True)
+    y = layer(x)
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+    for p in layer.parameters():
+        if p.requires_grad:
+            assert p.grad is not None and torch.equal(p.grad, torch.zeros_like(p))
+    after = layer.state_dict()
+    assert state.keys() == after.keys()
+    for k, v in state.items():
+        assert torch.equal(v, after[k]), k
+    for p0, p in zip(params, layer.parameters()):
+        assert torch.equal(p0, p)
+
+
+@pytest.mark.parametrize("cls,shape", [(InPlaceABN1d, (0, 3)), (InPlaceABN1d, (0, 3, 5)),
+                                       (InPlaceABN2d, (0, 3, 4, 4)), (InPlaceABN3d, (0, 3, 2, 2, 2))])
+@pytest.mark.parametrize("activation", ["leaky_relu", "elu", "identity"])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("inplace", [True, False])
+def test_inplace_abn_empty_batch_changes_nothing(cls, shape, activation, training, inplace):
+    layer = cls(3, activation=activation, inplace=inplace, momentum=None)
+    with torch.no_grad():
+        layer.running_mean.uniform_(-1, 1)
+        layer.running_var.uniform_(0.5, 2)
+        layer.num_batches_tracked.fill_(5)
+    layer.train(training)
+    _assert_empty_batch_changes_nothing(layer, shape)
+
+
+def test_inplace_abn_empty_batch_still_checks_the_shape():
+    with pytest.raises(ValueError, match="channels"):
+        InPlaceABN2d(3)(torch.randn(0, 4, 2, 2))

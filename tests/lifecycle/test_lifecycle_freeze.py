@@ -201,3 +201,60 @@ def test_train_affine_must_be_a_bool(bad):
     assert type(model[0]) is torch.nn.BatchNorm2d
     with pytest.raises(TypeError, match="train_affine"):
         FrozenBatchNorm(3, train_affine=bad)
+
+
+# ---------------------------------------------------------------- empty batch (N = 0), as BatchNorm*
+def _assert_empty_batch_changes_nothing(layer, shape):
+    """An empty batch: an empty output, an empty dx, zero dγ/dβ, every buffer and parameter unchanged
+    (num_batches_tracked included)."""
+    import copy
+
+    state = copy.deepcopy(layer.state_dict())
+    params = [p.detach().clone() for p in layer.parameters()]
+    x = torch.randn(shape, requires_grad=True)
+    y = layer(x)
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+    for p in layer.parameters():
+        if p.requires_grad:
+            assert p.grad is not None and torch.equal(p.grad, torch.zeros_like(p))
+    after = layer.state_dict()
+    assert state.keys() == after.keys()
+    for k, v in state.items():
+        assert torch.equal(v, after[k]), k
+    for p0, p in zip(params, layer.parameters()):
+        assert torch.equal(p0, p)
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (0, 3, 5), (0, 3, 4, 4), (0, 3, 2, 2, 2)])
+@pytest.mark.parametrize("train_affine", [True, False])
+@pytest.mark.parametrize("activation", ["identity", "relu"])
+@pytest.mark.parametrize("training", [True, False])
+def test_frozen_empty_batch_changes_nothing(shape, train_affine, activation, training):
+    layer = FrozenBatchNorm(3, train_affine=train_affine, activation=activation)
+    with torch.no_grad():
+        layer.running_mean.uniform_(-1, 1)
+        layer.running_var.uniform_(0.5, 2)
+        layer.weight.uniform_(0.5, 2)
+        layer.num_batches_tracked.fill_(9)
+    layer.train(training)
+    _assert_empty_batch_changes_nothing(layer, shape)
+
+
+def test_frozen_empty_batch_channels_last_and_checks():
+    layer = FrozenBatchNorm(3, channel_axis=-1, train_affine=True)
+    _assert_empty_batch_changes_nothing(layer, (0, 4, 4, 3))
+    with pytest.raises(ValueError, match="channels"):
+        FrozenBatchNorm(3)(torch.randn(0, 4, 2, 2))
+    with pytest.raises(ValueError):
+        FrozenBatchNorm(3, ranks=(4,))(torch.randn(0, 3))
+
+
+def test_frozen_model_empty_batch():
+    model = freeze(TinyResNet().eval())
+    state = copy.deepcopy(model.state_dict())
+    y = model(torch.randn(0, 3, 16, 16))
+    assert y.shape[0] == 0
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
