@@ -152,7 +152,9 @@ def _register_local_blocks() -> None:
 
 def _torchvision_models():
     try:
-        import torchvision.models as tvm
+        from ._torchvision import import_torchvision
+
+        tvm = import_torchvision().models
     except Exception as e:  # not installed, or built for another torch (its C ops fail to register)
         return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     return tvm, ""

@@ -18,8 +18,11 @@ beside dx (read x, dy, y twice; write dx and dz). ``act'`` is read from y for th
 activations and ELU; the smooth ones (SiLU, GELU, …) recompute z from x and the residual.
 
 The fused kernels (:func:`batchnorm.kernels.cpu.train_forward_residual`) cover identity, relu and
-leaky_relu on what the numba backend supports; anything else runs the torch composite of
-:mod:`batchnorm.kernels.torch_backend` (same formulas, same results to rounding). Under
+leaky_relu on what the numba backend supports; under ``auto`` anything else (small inputs included)
+runs torch's native kernel with the add and activation after it in place
+(:mod:`batchnorm.kernels.native_residual`), and a forced ``"torch"`` the composite of
+:mod:`batchnorm.kernels.torch_backend` (same formulas, same results to rounding).
+:func:`residual_backend_for` names the one that would run. Under
 ``torch.compile`` the composite is traced as plain torch ops.
 
     >>> block_tail = BatchNormAddAct2d(64)              # ReLU by default
@@ -38,7 +41,7 @@ from torch import nn
 
 from .. import kernels
 from .._checks import check_activation, check_channel_tensor, check_eps, check_input
-from ..kernels import torch_backend
+from ..kernels import native_backend, native_residual, torch_backend
 from ..stats import batch_moments
 from .autograd import _records
 from .functional import RunningStats, _check_train_args, _skip_nonfinite, update_running_stats
@@ -51,15 +54,31 @@ __all__ = [
     "BatchNormAddAct3d",
     "batch_norm_add_act_eval",
     "batch_norm_add_act_train",
+    "residual_backend_for",
 ]
 
 
 def _backend(x: torch.Tensor, res: torch.Tensor, axis: int, act: str):
     """The backend that runs the fused op: the one :func:`batchnorm.kernels.select` picks, if it has
-    residual kernels that take these inputs, else the torch composite."""
+    residual kernels that take these inputs; else, where that is the native backend or the choice is
+    ``auto``, torch's native kernel (:mod:`batchnorm.kernels.native_residual`); else (a forced
+    backend without a residual kernel for these inputs, or ``"torch"``) the torch composite."""
     mod = kernels.select(x, axis, act)
     fits = getattr(mod, "supports_residual", None)
-    return mod if fits is not None and fits(x, res, axis, act) else torch_backend
+    if fits is not None and fits(x, res, axis, act):
+        return mod
+    if ((mod is native_backend or kernels.get_backend() == "auto")
+            and native_residual.supports_residual(x, res, axis, act)):
+        return native_residual
+    return torch_backend
+
+
+def residual_backend_for(x: torch.Tensor, residual: torch.Tensor, channel_axis: int = 1,
+                         activation: str = "relu") -> str:
+    """Name of the backend that would run :func:`batch_norm_add_act_train` on these inputs now
+    (``"numba"``, ``"native"`` or ``"torch"``): the residual op's counterpart of
+    :func:`batchnorm.kernels.backend_for`."""
+    return _backend(x, residual, channel_axis % x.ndim, activation).name
 
 
 def _differentiable_backward(dy, x, res, weight, bias, eps, axis, act, slope):

@@ -248,6 +248,10 @@ def residual_grad(dy, x, res, y, weight, bias, mean, var, eps, channel_axis, act
         return torch.ops.aten.elu_backward(dy, slope, 1, 1, True, y)
     acc = acc_dtype(x.dtype)
     if act in _GRAD_FROM_INPUT:
+        if mean.dtype == torch.float64 and acc != torch.float64:
+            # float64 statistics (the native backend's recompute for |mean| ≫ std, the numba kernels):
+            # z in float64 too, else rounding the mean to float32 costs z ~|mean|·2⁻²⁴/std
+            acc, x = torch.float64, x.to(torch.float64)
         z = _normalise(x, mean, var, weight, bias, eps, channel_axis) + res.to(acc)
         return (dy.to(acc) * _act_grad_from_input(z, act, slope)).to(dy.dtype)
     return (dy.to(acc) * act_grad_from_output(y.to(acc), act, slope)).to(dy.dtype)

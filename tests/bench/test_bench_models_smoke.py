@@ -59,3 +59,28 @@ def test_unknown_or_unavailable_models_are_reported(monkeypatch):
         "mobilenet_v3_small needs torchvision")
     with pytest.raises(SystemExit):
         M.main(["--model", "resnet18", "--batch", "1"])
+
+
+@pytest.mark.parametrize("name", ["efficientnet_b0", "mobilenet_v3_small"])
+def test_torchvision_models_build_convert_and_train_one_step(name):
+    """The torchvision models (imported through the nms/qnms workaround) build with random weights,
+    convert (BN + activation fused) and run one training step on a tiny input."""
+    try:
+        model, source = M.build(name, num_classes=10)
+    except LookupError as e:
+        pytest.skip(str(e))
+    assert source == "torchvision"
+    ours = M.convert(model)
+    assert "BatchNormAct2d" in {type(m).__name__ for m in ours.modules()}
+    assert not any(type(m) is torch.nn.BatchNorm2d for m in ours.modules())
+    torch.manual_seed(0)
+    x, target = torch.randn(2, 3, 32, 32), torch.tensor([1, 7])
+    with torch.no_grad():  # same weights and statistics: the same numbers
+        model.eval(), ours.eval()
+        ref = model(x)
+        assert (ours(x) - ref).abs().max() <= 1e-4 * ref.abs().max()
+    opt = torch.optim.SGD(ours.parameters(), lr=1e-3)
+    ours.train()
+    torch.nn.functional.cross_entropy(ours(x), target).backward()
+    opt.step()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in ours.parameters())

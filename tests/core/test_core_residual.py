@@ -18,7 +18,7 @@ from helpers.util import assert_close
 import batchnorm
 from batchnorm import reference as R
 from batchnorm.core import residual as RS
-from batchnorm.kernels import _omp, cpu, torch_backend
+from batchnorm.kernels import _omp, cpu, native_residual, torch_backend
 
 ACTS = [("identity", 0.01), ("relu", 0.0), ("leaky_relu", 0.1), ("elu", 0.7), ("silu", 0.01)]
 LAYOUTS = {
@@ -98,11 +98,11 @@ def test_op_forward_and_backward_match_the_oracle(act, slope, layout, backend):
 
 def test_which_backend_runs_the_fused_op():
     x, r, _, _, _ = _inputs("nchw", torch.float32)
-    with batchnorm.use_backend("numba"):  # (auto sends an input this small to torch's native kernel,
-        assert RS._backend(x, r, 1, "relu") is cpu  # which has no residual op: the composite runs it)
+    with batchnorm.use_backend("numba"):  # (auto sends an input this small to torch's native kernel)
+        assert RS._backend(x, r, 1, "relu") is cpu
         assert RS._backend(x, r, 1, "silu") is torch_backend  # (no residual kernel for smooth activations)
         assert RS._backend(x, r.double(), 1, "relu") is torch_backend
-    assert RS._backend(x, r, 1, "relu") is torch_backend
+    assert RS._backend(x, r, 1, "relu") is native_residual  # auto, small: torch's kernel + add + act
     with batchnorm.use_backend("torch"):
         assert RS._backend(x, r, 1, "relu") is torch_backend
 

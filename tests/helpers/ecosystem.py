@@ -8,41 +8,23 @@ torchvision::nms does not exist") when the library that defines them did not loa
 definitions we use (ResNet, MobileNetV3, EfficientNet, RegNet, DenseNet, and timm's, which import
 torchvision) are pure Python and call no compiled op. So, only when that exact failure happens, we
 define the two op *schemas* (no kernel) and import again: calling nms then raises "could not run
-torchvision::nms ... CPU backend" loudly, everything else is torchvision as shipped.
+torchvision::nms ... CPU backend" loudly, everything else is torchvision as shipped. The
+workaround itself is :func:`batchnorm.bench._torchvision.import_torchvision` (the model bench uses it).
 """
 
 from __future__ import annotations
 
-import importlib
-import sys
-
 import pytest
-import torch
 
-_LIB = None
-
-
-def _purge(prefix: str) -> None:
-    for k in [k for k in sys.modules if k == prefix or k.startswith(prefix + ".")]:
-        del sys.modules[k]
+from batchnorm.bench._torchvision import import_torchvision as _import_torchvision
 
 
 def import_torchvision():
     """torchvision, with the two schemas defined where its compiled ops cannot load; or skip."""
-    global _LIB
     try:
-        return importlib.import_module("torchvision")
+        return _import_torchvision()
     except ModuleNotFoundError:
         pytest.skip("torchvision is not installed (pip install -e '.[test]')")
-    except RuntimeError as e:
-        if "torchvision::" not in str(e) or _LIB is not None:
-            raise
-        _purge("torchvision")
-    _LIB = torch.library.Library("torchvision", "FRAGMENT")
-    for name in ("nms", "qnms"):  # the schemas of torchvision/csrc/ops/nms.cpp
-        if not hasattr(torch.ops.torchvision, name):
-            _LIB.define(f"{name}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    return importlib.import_module("torchvision")
 
 
 def import_timm():
