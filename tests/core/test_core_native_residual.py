@@ -111,7 +111,8 @@ def test_auto_equals_torch_bn_add_act(act, slope, layout):
         assert_close(got, want, rtol=1e-5, atol=1e-5, what=what)
 
 
-@pytest.mark.parametrize("act,slope", [("relu", 0.0), ("elu", 0.7), ("gelu", 0.01)], ids=["relu", "elu", "gelu"])
+@pytest.mark.parametrize("act,slope", [("relu", 0.0), ("elu", 0.7), ("gelu", 0.01)],
+                         ids=["relu", "elu", "gelu"])
 def test_eval_runs_native_and_meets_the_oracle(act, slope, spy):
     x, r, w, b, axis = _inputs("nchw", seed=3)
     c = x.shape[axis]
