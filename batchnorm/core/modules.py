@@ -280,7 +280,16 @@ class _BatchNorm(_TorchBatchNorm):
                                  f"code, which cannot express running_var_unbiased=False or nonfinite="
                                  f"{self.nonfinite!r}; use a momentum in [0, 1]")
             return True
-        if kernels.select(x, axis, self.activation, "train" if batch_stats else "eval") is not native_backend:
+        # (this path applies the activation as torch's own op, autograd included, so any activation
+        # runs here. The smooth ones (silu, gelu, …), which native_backend's functions lack, run here
+        # under auto at every size: torch's batch_norm + its activation op measured 1.2-5x faster than
+        # our fused numba kernels for them up to 2^23 values, `benchmarks/crossover.py --acts silu`)
+        act = self.activation
+        if act in native_backend.ACTIVATIONS:
+            if kernels.select(x, axis, act, "train" if batch_stats else "eval") is not native_backend:
+                return False
+        elif (kernels.get_backend() not in ("auto", "native")
+              or not native_backend.supports(x, axis, "identity")):
             return False
         p = self.__dict__["_parameters"].get("weight")
         if p is None:

@@ -220,3 +220,24 @@ def test_smooth_activations_on_small_inputs_are_applied_not_left_to_the_native_k
     gx, = torch.autograd.grad(y.sum(), x)
     gref, = torch.autograd.grad(ref.sum(), x)
     torch.testing.assert_close(gx, gref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("act,torch_act", [("silu", nn.SiLU), ("hardswish", nn.Hardswish)])
+def test_smooth_activations_run_torchs_ops_through_the_modules_at_every_size(act, torch_act):
+    """Our numba kernels for the smooth activations are slower than torch's batch_norm + its activation
+    op (benchmarks/crossover.py --acts silu), so under auto the modules take torch's ops for them, even
+    above the crossovers: the same bits as torch.nn, forward and backward."""
+    torch.manual_seed(5)
+    x = torch.randn(32, 64, 16, 16)  # numba's crossover for relu lies at this size
+    ours, theirs = batchnorm.BatchNormAct2d(64, activation=act), nn.BatchNorm2d(64)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = ours(xa), torch_act()(theirs(xb))
+    assert torch.equal(ya, yb)
+    g = torch.randn_like(ya)
+    ya.backward(g)
+    yb.backward(g)
+    assert torch.equal(xa.grad, xb.grad) and torch.equal(ours.weight.grad, theirs.weight.grad)
+    assert torch.equal(ours.running_var, theirs.running_var)
+    with kernels.use_backend("numba"):  # forced: our kernels, to the same numbers up to rounding
+        yn = ours(x)
+    assert (yn - torch_act()(theirs(x))).abs().max() < 1e-4
