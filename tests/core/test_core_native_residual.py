@@ -145,7 +145,7 @@ def test_backend_selection_reports_the_native_path():
     with batchnorm.use_backend("numba"):
         assert RS.residual_backend_for(x, r) == "numba"
         assert RS.residual_backend_for(x, r, activation="silu") == "torch"  # forced: no native fallback
-    big = torch.randn(64, 16, 16, 16)  # at least NATIVE_BELOW["train"] values: the numba kernels
+    big = torch.randn(128, 16, 16, 16)  # at least the ncl train crossover (2^19 values): the numba kernels
     assert RS._backend(big, torch.randn_like(big), 1, "relu") is cpu
     assert RS.residual_backend_for(big, torch.randn_like(big), activation="silu") == "native"
     assert RS.residual_backend_for(x.double(), r.double(), -1) == "native"
