@@ -72,11 +72,12 @@ supported (``x`` is gone) and raises a ``RuntimeError``; use :class:`batchnorm.B
 Kernels: numba (:mod:`batchnorm.kernels.inplace_cpu`) for float32/float64 CPU tensors that are
 contiguous, channels-last or have channels innermost; the torch composite path (statistics from
 :func:`batchnorm.stats.batch_moments`) for everything else (other dtypes, CUDA, odd strides), and
-when ``batchnorm.kernels.set_backend("torch")`` is in force. :func:`inplace_backend_for` tells
-which one runs. Speed: on CPU a leaky_relu/identity layer runs several times faster than
-``nn.BatchNorm2d`` + ``nn.LeakyReLU`` (see ``benchmarks/inplace_bench.py``); elu is 2–4× slower
-than torch's, its ``expm1``/``log1p`` being scalar in numba. On CUDA the composite torch path
-is correct but unfused (a conv/BN/act training step took 2.5× torch's time on an H100).
+when ``batchnorm.kernels.set_backend("torch")`` or ``set_backend("native")`` is in force (torch's
+native batch-norm ops allocate their output, so the in-place torch path stands in for them).
+:func:`inplace_backend_for` tells which one runs. Speed: on CPU a leaky_relu/identity layer runs
+several times faster than ``nn.BatchNorm2d`` + ``nn.LeakyReLU`` (see ``benchmarks/inplace_bench.py``);
+elu is 2–4× slower than torch's, its ``expm1``/``log1p`` being scalar in numba. On CUDA the composite
+torch path is correct but unfused (a conv/BN/act training step took 2.5× torch's time on an H100).
 
 Example:
     >>> import torch
@@ -329,7 +330,9 @@ def _same_layout(t: torch.Tensor, like: torch.Tensor, layout: str, axis: int) ->
 def _use_numba(x: torch.Tensor, axis: int) -> str | None:
     """The numba layout to run ``x`` with, or None for the torch path (respects the backend switch)."""
     choice = _kernels.get_backend()
-    if choice == "torch":
+    if choice in ("torch", "native"):
+        # "native" means torch's fused native_batch_norm ops, which write a fresh output: that would
+        # break the in-place contract, so InPlace-ABN serves it with its in-place torch path
         return None
     layout = _layout(x, axis)
     if layout is not None and _cpu_kernels() is not None:

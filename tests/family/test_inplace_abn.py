@@ -31,7 +31,7 @@ from batchnorm.family.inplace import (
     inplace_backend_for,
 )
 
-BACKENDS = ["auto", "torch"]
+BACKENDS = ["auto", "torch", "native"]  # "native": the in-place torch path stands in (see module doc)
 ACTS = [("identity", 0.01), ("leaky_relu", 0.1), ("leaky_relu", 0.01), ("elu", 1.0), ("elu", 0.5)]
 TORCH_ACT = {"identity": lambda s: nn.Identity(), "leaky_relu": lambda s: nn.LeakyReLU(s),
              "elu": lambda s: nn.ELU(s)}
@@ -76,7 +76,7 @@ def test_train_matches_oracle_float64(backend, act, slope, shape, axis, fmt):
         x = x.contiguous(memory_format=fmt)
     w, b = _params(shape[axis])
     with batchnorm.use_backend(backend):
-        want = "torch" if backend == "torch" else "numba"
+        want = "numba" if backend == "auto" else "torch"
         assert inplace_backend_for(x, axis) == want
         y, dx, dw, db, dy = _run_train(x, w, b, axis, act, slope)
     yr, _, _ = R.forward_train(np64(x), np64(w), np64(b), 1e-5, axis, act, slope)
@@ -322,6 +322,25 @@ def test_nonfinite_skip_leaves_running_stats():
     with pytest.raises(FloatingPointError, match="running statistics were left unchanged"):
         m2(torch.full((4, 2, 3, 3), float("inf")))
     assert_state_unchanged(before, m2, "nonfinite='raise'")
+
+
+def test_forced_native_runs_the_inplace_torch_path_for_any_input():
+    # torch's native batch-norm ops allocate their output, so "native" is served by the in-place torch
+    # path, for inputs numba cannot run too (a forced "numba" refuses those loudly)
+    xh = torch.randn(4, 3, 5, 5, dtype=torch.float16)
+    m = InPlaceABN2d(3, activation="leaky_relu", negative_slope=0.1).half()
+    ref = InPlaceABN2d(3, activation="leaky_relu", negative_slope=0.1).half()
+    with batchnorm.use_backend("torch"):
+        want = ref(xh.clone())
+    with batchnorm.use_backend("native"):
+        assert inplace_backend_for(xh) == "torch"
+        x = xh.clone()
+        y = m(x)
+    assert y.data_ptr() == x.data_ptr(), "native: not in place"
+    assert torch.equal(y, want)
+    assert torch.equal(m.running_mean, ref.running_mean) and torch.equal(m.running_var, ref.running_var)
+    with batchnorm.use_backend("numba"), pytest.raises(RuntimeError, match="'numba' cannot run"):
+        m(xh.clone())
 
 
 def test_half_precision_runs_on_torch_path():
