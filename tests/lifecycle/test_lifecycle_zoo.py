@@ -235,3 +235,40 @@ def test_zoo_fold(name):
         assert_close(_logits(folded(x)), want, rtol=1e-9, atol=1e-9, what=f"{name} folded")
     left = sum(isinstance(m, _TORCH_BN | _BatchNorm) for m in folded.modules())
     assert left == 0, f"{name}: {left} BN layers left after fold_bn"
+
+
+# export + ONNX Runtime on real models: torchvision's ResNet-18 (BN -> ReLU, residual adds) and timm's
+# MobileNetV3 (its BatchNormAct2d layers, converted to ours, with Hardswish). Both ONNX exporters must
+# emit standard ONNX ops only, and the runtime must reproduce eager on a fresh input.
+@pytest.mark.filterwarnings("ignore")  # the exporters' deprecation and progress chatter
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+@pytest.mark.parametrize("name", ["tv_resnet18", "timm_mobilenetv3_small_100"])
+def test_zoo_export_runs_in_onnxruntime_like_eager(name, dynamo):
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    _, ours = _pair(name, torch.float32)
+    g = torch.Generator().manual_seed(3)
+    ours.train()
+    with torch.no_grad():
+        ours(torch.randn(4, 3, 32, 32, generator=g))  # non-trivial running statistics
+    ours.eval()
+    x = torch.randn(2, 3, 32, 32, generator=g)
+    if dynamo:
+        ep = torch.export.export(ours, (x,))
+        targets = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+        assert not [t for t in targets if "batchnorm" in t.split(".")[0]], targets
+        assert any("batch_norm" in t for t in targets), targets
+        proto = torch.onnx.export(ours, (x,), dynamo=True).model_proto
+    else:
+        buf = io.BytesIO()
+        torch.onnx.export(ours, (x,), buf, dynamo=False, input_names=["x"], dynamic_axes={"x": {0: "n"}})
+        proto = onnx.load_from_string(buf.getvalue())
+    domains = {n.domain for n in proto.graph.node}
+    assert domains <= {"", "ai.onnx"}, f"{name}: non-standard ONNX domains {domains}"
+    assert len(proto.graph.input) == 1
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    fresh = torch.randn(2, 3, 32, 32, generator=g)
+    got = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: fresh.numpy()})[0])
+    with torch.no_grad():
+        want = ours(fresh)
+    _close_scaled(got, want, 1e-5, f"{name} onnxruntime ({'dynamo' if dynamo else 'torchscript'})")
