@@ -104,8 +104,9 @@ def ready(kind: str, dtype: str) -> bool:
         if key in _ready:
             return True
         now = time.monotonic()
-        if now - _last_check.get(key, -1.0) < _RECHECK_S:
-            return False
+        last = _last_check.get(key)
+        if last is not None and now - last < _RECHECK_S:  # (not a default of -1: the monotonic clock
+            return False                                  # may start near 0, e.g. just after boot)
         _last_check[key] = now
         path = marker_path(kind, dtype) if enabled() else None
         if path is None or os.path.exists(path):
