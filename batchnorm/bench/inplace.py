@@ -47,6 +47,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from . import compile_in_process
+
 
 def _build(kind: str, blocks: int, c: int, convs: list[nn.Conv2d]) -> nn.Sequential:
     from batchnorm import BatchNormAct2d
@@ -114,6 +116,7 @@ def _max_diff(a: nn.Module, b: nn.Module, inp: torch.Tensor, grad: torch.Tensor)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
+    compile_in_process()
     ap = argparse.ArgumentParser(prog="batchnorm bench --inplace", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny shape, 2 timed runs (CI smoke test)")
     ap.add_argument("--shape", type=int, nargs=4, metavar=("N", "C", "H", "W"), default=None)

@@ -60,6 +60,8 @@ from typing import Any
 import torch
 import torch.nn.functional as TF
 
+from . import compile_in_process
+
 __all__ = ["FULL_CASES", "QUICK_CASES", "main", "run"]
 
 # (name, shape, layout): layout "nchw" (contiguous), "nhwc" (channels-last memory), "nc" (2-D)
@@ -478,6 +480,7 @@ def _parse_case(text: str) -> tuple[tuple[int, ...], str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``batchnorm bench``; returns the process exit code."""
+    compile_in_process()
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--model" in argv:  # whole networks: batchnorm.bench.models
         from .models import main as models_main

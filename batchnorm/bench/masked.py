@@ -24,6 +24,8 @@ import torch
 
 import batchnorm
 
+from . import compile_in_process
+
 
 def _case(shape, padding: float, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
@@ -73,6 +75,7 @@ def run(shape=(64, 256, 400), padding: float = 0.3, repeat: int = 15, warmup: in
 
 
 def main(argv=None) -> dict:
+    compile_in_process()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a small shape and 3 repeats (smoke test)")
     ap.add_argument("--repeat", type=int, default=15)

@@ -47,6 +47,8 @@ from torch import nn
 
 import batchnorm
 
+from . import compile_in_process
+
 __all__ = ["MODELS", "build", "main", "run"]
 
 MODELS = ("resnet18", "resnet50", "efficientnet_b0", "mobilenet_v3_small")
@@ -311,6 +313,7 @@ def _print(result: dict[str, Any]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``batchnorm bench --model NAME [--model NAME ...] [--batch B] [--size S] [--quick] [--json PATH]``."""
+    compile_in_process()
     p = argparse.ArgumentParser(prog="batchnorm bench --model", description=__doc__.split("\n")[0])
     p.add_argument("--model", action="append", required=True, choices=MODELS)
     p.add_argument("--batch", type=int, default=None, help="images per step (default 32; quick 2)")

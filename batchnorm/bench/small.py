@@ -31,6 +31,8 @@ from torch import nn
 
 import batchnorm
 
+from . import compile_in_process
+
 #: (label, ours factory, torch factory, input shape): issue 20's table.
 ROWS: list[tuple[str, tuple[int, ...]]] = [
     ("BatchNorm1d", (60, 300)),
@@ -114,6 +116,7 @@ def _print(results: list[dict]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    compile_in_process()
     p = argparse.ArgumentParser(prog="batchnorm bench --small", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="three rows, 3 rounds (CI smoke test)")
     p.add_argument("--reps", type=int, default=None, help="interleaved rounds per figure (default 9)")
