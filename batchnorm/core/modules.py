@@ -47,7 +47,7 @@ from .._checks import (
 )
 from ..kernels import native_backend, torch_backend
 from . import functional as F
-from .autograd import capturing
+from .autograd import _transformed
 
 __all__ = [
     "CONVENTIONS",
@@ -103,7 +103,7 @@ def _ctor_numbers(op: str, num_features: object, eps: object,
 def _batch_norm_eager(x, running_mean, running_var, weight, bias, training, momentum, eps):
     """``F.batch_norm``'s kernel call without its Python checks (ours ran before)."""
     return torch.batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps,
-                            torch.backends.cudnn.enabled)
+                            torch._C._get_cudnn_enabled())  # (= torch.backends.cudnn.enabled, 0.2 µs less)
 
 
 def _attr_path(proxy: torch.fx.Proxy, module: nn.Module, name: str) -> str:
@@ -224,12 +224,18 @@ class _BatchNorm(_TorchBatchNorm):
         normalise every position and the mask is only checked. torch's ``batch_norm`` has no mask, so
         a masked call refuses to be captured rather than record something else.
         """
-        if type(input) is not torch.Tensor or capturing():
+        compiling = torch.compiler.is_compiling()
+        if type(input) is not torch.Tensor or (torch.compiler.is_exporting() if compiling else
+                                               torch._C._is_tracing() or _transformed()):  # = capturing()
             if mask is not None:
                 raise RuntimeError(f"{type(self).__name__}: a masked call cannot be captured as torch's "
                                    f"batch_norm, which has no mask; capture the model without mask=, or "
                                    f"run the masked step eagerly (or under torch.compile)")
             return self._forward_captured(input)
+        if mask is None and not compiling:
+            y = self._forward_fast(input)
+            if y is not None:
+                return y
         op = type(self).__name__
         # (the hot path reads parameters and buffers from the module's dicts: ``self.weight`` goes
         # through ``nn.Module.__getattr__``, ~1.7 µs a read, as much as a small layer's arithmetic)
@@ -246,7 +252,7 @@ class _BatchNorm(_TorchBatchNorm):
                               num_features=self.num_features, training=batch_stats and mask is None)
         if mask is not None:
             return self._masked_forward(op, x, axis, mask, batch_stats)
-        if not torch.compiler.is_compiling() and self._runs_native(x, axis, batch_stats):  # (compiled:
+        if not compiling and self._runs_native(x, axis, batch_stats):  # (compiled:
             # our custom ops stay whole in the graph; they dispatch to the same backends inside)
             return self._forward_native(x, axis, batch_stats, _batch_norm_eager, inplace_act=True)
         if not batch_stats:
@@ -254,6 +260,44 @@ class _BatchNorm(_TorchBatchNorm):
                                      eps=self.eps, channel_axis=axis, activation=self.activation,
                                      negative_slope=self.negative_slope)
         return self._train_step(F.batch_norm_train, x, axis, inplace_stats=True)
+
+    def _forward_fast(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The common call on the native path — a small input (or a device without our kernels), the
+        channels on axis 1, torch's flags — accepted after about 1 µs of checks instead of the general
+        path's 3 µs (at 13 µs for a whole ``BatchNorm2d(16)`` eval call on 8×16×8×8, that glue is what
+        made small layers slower than torch's). Returns None for anything else, and the general path
+        then runs every check, raising its errors: this one only ever accepts what it would accept and
+        route to :meth:`_forward_native` (``tests/core/test_core_native.py`` checks the two agree)."""
+        choice = kernels._choice
+        if (self.channel_axis != 1 or choice not in ("auto", "native") or x.ndim not in self._ranks
+                or self.activation not in native_backend.ACTIVATIONS or not x.is_floating_point()):
+            return None
+        bufs = self.__dict__["_buffers"]
+        rm = bufs.get("running_mean")
+        training = self.training
+        batch_stats = training or rm is None
+        n, c = x.numel(), x.shape[1]
+        eps, m = self.eps, self.momentum
+        if (c != self.num_features or n == 0 or not eps > 0 or (m is not None and not 0.0 <= m <= 1.0)
+                or (batch_stats and n // c <= 1)):
+            return None
+        if choice == "auto" and x.is_cpu:
+            mode = "train" if batch_stats else "eval"
+            if (n >= kernels.NATIVE_BELOW[mode]
+                    and kernels.select(x, 1, self.activation, mode) is not native_backend):
+                return None  # (our kernels run this one)
+        p = self.__dict__["_parameters"].get("weight")
+        if p is None:
+            p = rm
+        if p is not None and (p.dtype != x.dtype or p.device != x.device):
+            return None
+        if batch_stats:
+            if (training and rm is not None and self.track_running_stats
+                    and not (self.running_var_unbiased and self.nonfinite == "update")):
+                return None
+        elif x.dtype != torch.float64 and not self._well_conditioned():
+            return None
+        return self._forward_native(x, 1, batch_stats, _batch_norm_eager, inplace_act=True)
 
     def _masked_forward(self, op: str, x: torch.Tensor, axis: int, mask: torch.Tensor,
                         batch_stats: bool) -> torch.Tensor:

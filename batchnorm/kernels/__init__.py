@@ -154,10 +154,14 @@ def select(x: torch.Tensor, channel_axis: int, act: str, mode: str = "train") ->
         return native_backend
     for n in _FAST_ORDER:
         mod = _load(n)
-        if mod is not None and mod.supports(x, channel_axis, act):
-            below = getattr(mod, "native_below", None)
-            if native and below is not None and x.numel() < below(x, channel_axis, act, mode):
-                return native_backend
+        if mod is None:
+            continue
+        # (the crossover first: it is cheaper than ``supports``, which may stat a warm-up marker, and
+        # below it the native kernel runs whether or not the fast one could)
+        below = getattr(mod, "native_below", None)
+        if native and below is not None and x.numel() < below(x, channel_axis, act, mode):
+            return native_backend
+        if mod.supports(x, channel_axis, act):
             return mod
     return native_backend if native else torch_backend
 

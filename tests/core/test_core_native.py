@@ -10,10 +10,14 @@ modules then compute exactly what ``torch.nn`` computes.
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 from helpers.util import assert_close
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import batchnorm
@@ -241,3 +245,81 @@ def test_smooth_activations_run_torchs_ops_through_the_modules_at_every_size(act
     with kernels.use_backend("numba"):  # forced: our kernels, to the same numbers up to rounding
         yn = ours(x)
     assert (yn - torch_act()(theirs(x))).abs().max() < 1e-4
+
+
+# -- the modules' fast path -------------------------------------------------------------------
+# ``_BatchNorm._forward_fast`` accepts the common small call after a few checks; for anything else it
+# must return None (having written nothing) and leave the general path to check and dispatch. The
+# property: whatever it accepts, the general path would have accepted and sent to the native kernel,
+# with the same output and state.
+
+_FAST_CLASSES = {1: batchnorm.BatchNorm1d, 2: batchnorm.BatchNorm2d, 3: batchnorm.BatchNorm3d}
+
+
+def _mostly(common, *rare):
+    """``common`` four times in five (so that most cases reach the fast path), else one of ``rare``."""
+    return st.sampled_from([common] * (4 * len(rare)) + list(rare))
+
+
+@st.composite
+def _fast_cases(draw):
+    dim = draw(st.sampled_from([1, 2, 3]))
+    c = draw(st.integers(1, 5))
+    rank = draw(_mostly({1: 2, 2: 4, 3: 5}[dim], 3))  # 3-D: right for BatchNorm1d only
+    shape = [draw(_mostly(4, 0, 1, 2))] + [draw(_mostly(c, c + 1))] + [
+        draw(st.integers(1, 3)) for _ in range(rank - 2)]
+    kw = dict(
+        momentum=draw(_mostly(0.1, None, 1.0, 1.5)),
+        eps=draw(_mostly(1e-5, 0.0)),
+        affine=draw(st.booleans()),
+        track_running_stats=draw(_mostly(True, False)),
+        channel_axis=draw(_mostly(1, -1)),
+        running_var_unbiased=draw(_mostly(True, False)),
+        nonfinite=draw(_mostly("update", "skip")),
+        activation=draw(_mostly("identity", "relu", "leaky_relu", "elu", "silu")),
+    )
+    return dict(cls=_FAST_CLASSES[dim], c=c, shape=shape, kw=kw, training=draw(st.booleans()),
+                dtype=draw(_mostly(torch.float32, torch.float64, torch.float16)),
+                param_dtype=draw(_mostly(None, torch.float64)),
+                channels_last=draw(st.booleans()), backend=draw(_mostly("auto", "native", "torch")))
+
+
+def _outcome(m, x):
+    try:
+        with torch.no_grad():
+            return m(x.clone())
+    except (ValueError, TypeError, RuntimeError) as e:
+        return type(e)
+
+
+@settings(max_examples=400)  # (cheap examples; the rarer flag combinations need many)
+@given(_fast_cases())
+def test_the_fast_path_accepts_only_what_the_general_path_sends_to_native(case):
+    m = case["cls"](case["c"], **case["kw"]).train(case["training"])
+    if case["param_dtype"] is not None:
+        m = m.to(case["param_dtype"])
+    with torch.no_grad():
+        for t in m.state_dict().values():
+            if t.is_floating_point():
+                t.uniform_(0.5, 1.5)
+    x = torch.randn(case["shape"]).to(case["dtype"])
+    if case["channels_last"] and x.ndim == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    general = copy.deepcopy(m)
+    general._forward_fast = lambda x: None  # (an instance attribute: this copy runs the general path only)
+    with kernels.use_backend(case["backend"]), torch.no_grad():
+        y = m._forward_fast(x.clone())
+        if y is None:
+            for k, v in m.state_dict().items():
+                assert torch.equal(v, before[k]), f"the fast path declined but wrote {k}"
+            return
+        m.load_state_dict(before)
+        axis = m.channel_axis % x.ndim
+        batch_stats = m.training or m.running_mean is None
+        assert axis == 1 and general._runs_native(x, axis, batch_stats), "accepted what native does not run"
+        ours, theirs = _outcome(m, x), _outcome(general, x)
+        assert isinstance(ours, torch.Tensor) and isinstance(theirs, torch.Tensor), (ours, theirs)
+        assert torch.equal(ours, theirs)
+    for (k, a), b in zip(m.state_dict().items(), general.state_dict().values()):
+        assert torch.equal(a, b), k

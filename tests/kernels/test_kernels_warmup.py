@@ -62,7 +62,12 @@ def test_torch_serves_until_the_marker_appears(warm):
     _warmup._write_marker(str(tmp_path / "ready-ncl-f32"))
     assert batchnorm.backend_for(x) == "numba"
     assert torch.allclose(batchnorm.BatchNorm2d(64)(x), y_torch, atol=1e-5)
+    # channels-last: below the (M, C) crossover torch's kernel runs without asking for ours; above it
+    # the (M, C) kernels' compile starts
     assert batchnorm.backend_for(x.contiguous(memory_format=torch.channels_last)) == "native"
+    assert spawned[-1] == ("ncl", "f64"), "no compile for a layout that runs natively at this size"
+    big = torch.empty(64, 64, 32, 32).contiguous(memory_format=torch.channels_last)  # 2^22 values
+    assert batchnorm.backend_for(big) == "native"
     assert spawned[-1] == ("mc", "f32")
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")], "the marker is renamed into place"
 
