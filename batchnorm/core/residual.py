@@ -11,10 +11,12 @@ Backward, with ``z = γ x̂ + β + residual`` and ``dz = dy · act'(z)``::
     d(residual) = dz                      (the add passes the gradient on unchanged)
     dx, dγ, dβ  = BN's backward of dz      (article 003's closed form, identity activation)
 
-``dz`` must be written anyway (it *is* the residual's gradient), so the backward makes it in one
-sweep with torch's own activation backward (``threshold_backward`` for ReLU: reads dy and y) and then
-runs the two-sweep BN backward on it: the same bytes as a fused two-sweep backward that wrote dz
-beside dx (read x, dy, y twice; write dx and dz). ``act'`` is read from y for the piecewise-linear
+``dz`` must be written anyway (it *is* the residual's gradient). The numba kernels
+(:func:`batchnorm.kernels.cpu.backward_residual`) do the whole backward in BN + act's two sweeps: the
+first reads x, dy and y, writes dz (act' read from y, as torch's ``threshold_backward`` does) and
+sums it; the second reads x and dz — still in cache, a block of channels at a time in NCHW — and
+writes dx. The other backends make dz in one sweep with torch's own activation backward and then run
+the two-sweep BN backward on it (three sweeps). ``act'`` is read from y for the piecewise-linear
 activations and ELU; the smooth ones (SiLU, GELU, …) recompute z from x and the residual.
 
 The fused kernels (:func:`batchnorm.kernels.cpu.train_forward_residual`) cover identity, relu and
@@ -81,6 +83,13 @@ def residual_backend_for(x: torch.Tensor, residual: torch.Tensor, channel_axis: 
     return _backend(x, residual, channel_axis % x.ndim, activation).name
 
 
+def _fused_backward(backend, act: str, slope: float) -> bool:
+    """Whether ``backend`` has the two-sweep residual backward for ``act`` (the numba kernels:
+    :func:`batchnorm.kernels.cpu.backward_residual`)."""
+    fits = getattr(backend, "supports_backward_residual", None)
+    return fits is not None and fits(act, slope)
+
+
 def _differentiable_backward(dy, x, res, weight, bias, eps, axis, act, slope):
     """The backward as differentiable torch ops on statistics recomputed from x (double backward)."""
     m, v, _ = batch_moments(x, axis)
@@ -113,6 +122,9 @@ class BatchNormAddActTrainFn(torch.autograd.Function):
         eps, axis, act, slope = ctx.cfg
         if torch.is_grad_enabled():  # a graph of the backward is wanted: differentiable formulas
             dx, dres, dw, db = _differentiable_backward(dy, x, res, weight, bias, eps, axis, act, slope)
+        elif _fused_backward(ctx.backend, act, slope):  # two sweeps: dz written beside the sums
+            dx, dres, dw, db = ctx.backend.backward_residual(dy, x, y, weight, bias, mean, var, eps, axis,
+                                                             act, slope)
         else:
             dres = torch_backend.residual_grad(dy, x, res, y, weight, bias, mean, var, eps, axis, act, slope)
             dx, dw, db = ctx.backend.backward(dres, x, None, weight, bias, mean, var, eps, axis, "identity",
@@ -142,9 +154,13 @@ class BatchNormAddActEvalFn(torch.autograd.Function):
         x, res, mean, var, weight, bias, y = ctx.saved_tensors
         eps, axis, act, slope = ctx.cfg
         backend = torch_backend if torch.is_grad_enabled() else ctx.backend
-        dres = torch_backend.residual_grad(dy, x, res, y, weight, bias, mean, var, eps, axis, act, slope)
-        dx, dw, db = backend.eval_backward(dres, x, None, weight, bias, mean, var, eps, axis, "identity",
-                                           slope)
+        if backend is not torch_backend and _fused_backward(backend, act, slope):
+            dx, dres, dw, db = backend.backward_residual(dy, x, y, weight, bias, mean, var, eps, axis, act,
+                                                         slope, train=False)
+        else:
+            dres = torch_backend.residual_grad(dy, x, res, y, weight, bias, mean, var, eps, axis, act, slope)
+            dx, dw, db = backend.eval_backward(dres, x, None, weight, bias, mean, var, eps, axis, "identity",
+                                               slope)
         need = ctx.needs_input_grad
         return (dx if need[0] else None, dres if need[1] else None, None, None, dw if need[4] else None,
                 db if need[5] else None, None, None, None, None)

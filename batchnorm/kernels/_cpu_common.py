@@ -96,6 +96,22 @@ def _run_grad_sums(xr, dyr, yr, hi, lo, sc, b, sv, elu):
     return ag, ah
 
 
+@nb.njit(**_SUMS)
+def _run_grad_sums_res(xr, dyr, yr, dzr, hi, sv):
+    """The residual backward's first sweep over a run: dz = dy·act'(z) with act' read from y (as
+    torch's threshold/leaky_relu backward do; a slope ≥ 0), written to ``dzr`` (it is the residual's
+    gradient, and the dx sweep's input), and g = Σ dz, h' = Σ dz·(x − hi)."""
+    zero, one, neg = sv[0], sv[1], sv[2]
+    ag = zero
+    ah = zero
+    for j in range(xr.shape[0]):
+        dz = dyr[j] * (one if yr[j] > zero else neg)
+        dzr[j] = dz
+        ag += dz
+        ah += dz * (xr[j] - hi)
+    return ag, ah
+
+
 @nb.njit(**_STRICT)
 def _finish_stats(s1, s2, n, k):
     """mean and biased variance from shifted sums (the variance is NaN-preserving, clamped at 0)."""

@@ -35,6 +35,7 @@ from ._cpu_common import (  # noqa: E402
     _out,
     _out_res,
     _run_grad_sums,
+    _run_grad_sums_res,
     _run_grad_sums_smooth,
     _run_m2,
     _run_sums,
@@ -120,18 +121,24 @@ def _forward_ncl(x, res, y, mean, var, w, b, eps, train, ac, hasres, nt, cst, sv
 
 
 @nb.njit(**_STRICT)
-def _backward_ncl(x, dy, y, dx, mean, var, w, b, eps, train, sums, ac, nt, cst, sv, dw, db, c0, c1):
+def _backward_ncl(x, dy, y, dx, mean, var, w, b, eps, train, sums, ac, nt, cst, sv, dw, db, c0, c1,
+                  dres, hasres):
     """Backward of channels [c0, c1): pass 1 g, h (if ``sums``); pass 2 dx.
 
     train: dx = sc·dz − sc·g/n − (x − μ)·sc·invstd²·h'/n, where h' = Σ dz·(x − μ) (the batch
     statistics depend on x); eval: dx = sc·dz. ``y`` is read only for ELU (act' = y + α; the smooth
     activations recompute act'(z) from z). ``nt``: stream dx (code 0; every run dx[i, c] must start on a
     64-byte line).
+
+    ``hasres`` (y = act(BN(x) + residual), code 0 with a slope ≥ 0): pass 1 reads x, dy and y, writes
+    dz = dy·act'(z) into ``dres`` (the residual's gradient) and sums it; pass 2 reads x and dres (still
+    in cache, block by block) and writes dx — the two sweeps of BN + act, where the activation's
+    backward, then BN's, took three.
     """
     N, _, L = x.shape
     n = N * L
     zero, one, neg, alpha = sv[0], sv[1], sv[2], sv[3]
-    B = _ncl_block(N, L, x.itemsize, 3 if ac == 1 else 2, c0, c1)
+    B = _ncl_block(N, L, x.itemsize, 4 if hasres else (3 if ac == 1 else 2), c0, c1)
     elu = ac == 1
     gb = np.zeros(B)
     hb = np.zeros(B)
@@ -142,13 +149,16 @@ def _backward_ncl(x, dy, y, dx, mean, var, w, b, eps, train, sums, ac, nt, cst, 
         hb[:] = 0.0
         for c in range(cb, ce):
             inv[c - cb] = _set_constants(cst, c, mean[c], var[c], w[c], b[c], eps)
-        if sums:
+        if sums or hasres:
             for i in range(N):
                 for c in range(cb, ce):
                     hi, lo, sc, bc = cst[0, c], cst[1, c], cst[2, c], cst[3, c]
                     for j0 in range(0, L, _CHUNK):
                         e = j0 + _CHUNK
-                        if ac > 1:
+                        if hasres:
+                            gj, hj = _run_grad_sums_res(x[i, c, j0:e], dy[i, c, j0:e], y[i, c, j0:e],
+                                                        dres[i, c, j0:e], hi, sv)
+                        elif ac > 1:
                             gj, hj = _run_grad_sums_smooth(x[i, c, j0:e], dy[i, c, j0:e], hi, lo, sc, bc, ac)
                         else:
                             gj, hj = _run_grad_sums(x[i, c, j0:e], dy[i, c, j0:e], y[i, c, j0:e], hi, lo,
@@ -157,7 +167,8 @@ def _backward_ncl(x, dy, y, dx, mean, var, w, b, eps, train, sums, ac, nt, cst, 
                         hb[c - cb] += hj
         for c in range(cb, ce):
             g = gb[c - cb]
-            hs = hb[c - cb] - cst[1, c] * g if sums else 0.0  # Σ dz·(x − hi) − lo·Σ dz = Σ dz·(x − mean)
+            # Σ dz·(x − hi) − lo·Σ dz = Σ dz·(x − mean)
+            hs = hb[c - cb] - cst[1, c] * g if sums or hasres else 0.0
             iv = inv[c - cb]
             dw[c] = hs * iv
             db[c] = g
@@ -179,6 +190,16 @@ def _backward_ncl(x, dy, y, dx, mean, var, w, b, eps, train, sums, ac, nt, cst, 
                         z = d * sc + bc
                         dzs = dy[i, c, j] * _smooth_grad(np.float64(z), ac)
                         dx[i, c, j] = sc * dzs + q * d + r
+                elif hasres:  # dz was written by pass 1 (act' is 1 on it: neg = one)
+                    if nt:
+                        dxr = dx[i, c]
+                        for j in range(L):
+                            v = _dx1(x[i, c, j], dres[i, c, j], hi, lo, sc, bc, q, r, zero, one, one)
+                            _stream.store(dxr, j, v)
+                    else:
+                        for j in range(L):
+                            dx[i, c, j] = _dx1(x[i, c, j], dres[i, c, j], hi, lo, sc, bc, q, r, zero, one,
+                                               one)
                 elif nt:
                     dxr = dx[i, c]
                     for j in range(L):

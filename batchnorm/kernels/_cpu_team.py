@@ -37,11 +37,12 @@ from ._cpu_ncl import _backward_ncl, _forward_ncl  # noqa: E402
 # elementwise results equal to the last bit, or within one rounding where a multiply-add was fused
 # differently).
 # =============================================================================================
-_BLOCK = 24
+_BLOCK = 25
 (_B_N, _B_C, _B_L, _B_TRAIN, _B_SUMS, _B_AC, _B_EPS, _B_X, _B_Y, _B_DY, _B_DX, _B_MEAN, _B_VAR,
- _B_W, _B_B, _B_CST, _B_SV, _B_DW, _B_DB, _B_P1, _B_P2, _B_INV, _B_NT, _B_RES) = range(_BLOCK)
+ _B_W, _B_B, _B_CST, _B_SV, _B_DW, _B_DB, _B_P1, _B_P2, _B_INV, _B_NT, _B_RES, _B_DRES) = range(_BLOCK)
 # sizes: (N, C, L) kernels  N, C, L;  (M, C) kernels  N = M, C, L = rows of the partial-sum tables
-# _B_AC: the activation code (_cpu_common._KIND); _B_RES: the residual's address, 0 for none
+# _B_AC: the activation code (_cpu_common._KIND); _B_RES: the residual's address, 0 for none;
+# _B_DRES: the residual's gradient (backward of BN + residual + act), 0 for none
 
 
 @nb.njit(**_STRICT)
@@ -82,10 +83,12 @@ def _team_backward_ncl_body(blk, dt):
     sh = (N, C, L)
     x, dy = _at(blk[_B_X], sh, dt), _at(blk[_B_DY], sh, dt)
     y, dx = _at(blk[_B_Y], sh, dt), _at(blk[_B_DX], sh, dt)
+    hasres = blk[_B_DRES] != 0
+    dres = _at(blk[_B_DRES] if hasres else blk[_B_DX], sh, dt)
     _backward_ncl(x, dy, y, dx, _at(blk[_B_MEAN], C, f64), _at(blk[_B_VAR], C, f64), _at(blk[_B_W], C, f64),
                   _at(blk[_B_B], C, f64), blk.view(f64)[_B_EPS], blk[_B_TRAIN] != 0, blk[_B_SUMS] != 0,
                   blk[_B_AC], blk[_B_NT] != 0, _at(blk[_B_CST], (6, C), dt), _at(blk[_B_SV], 4, dt),
-                  _at(blk[_B_DW], C, f64), _at(blk[_B_DB], C, f64), c0, c1)
+                  _at(blk[_B_DW], C, f64), _at(blk[_B_DB], C, f64), c0, c1, dres, hasres)
 
 
 @nb.njit(**_STRICT)
@@ -123,12 +126,14 @@ def _team_backward_mc_body(blk, dt):
     cst, sv = _at(blk[_B_CST], (6, C), dt), _at(blk[_B_SV], 4, dt)
     pg, ph = _at(blk[_B_P1], (S, C), f64), _at(blk[_B_P2], (S, C), f64)
     ac = blk[_B_AC]
+    hasres = blk[_B_DRES] != 0
+    dres = _at(blk[_B_DRES] if hasres else blk[_B_DX], (M, C), dt)
     if t == 0:
         _constants_mc(_at(blk[_B_MEAN], C, f64), _at(blk[_B_VAR], C, f64), _at(blk[_B_W], C, f64),
                       _at(blk[_B_B], C, f64), blk.view(f64)[_B_EPS], cst, _at(blk[_B_INV], C, f64))
     _omp.barrier()
-    if blk[_B_SUMS] != 0:
-        _grad_sums_mc(x, dy, y, ac, cst, sv, pg[t], ph[t], r0, r1)
+    if blk[_B_SUMS] != 0 or hasres:
+        _grad_sums_mc(x, dy, y, ac, cst, sv, pg[t], ph[t], r0, r1, dres, hasres)
     else:  # (no dγ, dβ and no batch statistics: the sums are not needed; the merge reads zeros)
         for c in range(C):
             pg[t, c] = 0.0
@@ -138,7 +143,7 @@ def _team_backward_mc_body(blk, dt):
         _grad_coefs_mc(pg, ph, _at(blk[_B_W], C, f64), _at(blk[_B_INV], C, f64), M, blk[_B_TRAIN] != 0, cst,
                        _at(blk[_B_DW], C, f64), _at(blk[_B_DB], C, f64))
     _omp.barrier()
-    _dx_mc(x, dy, y, _at(blk[_B_DX], (M, C), dt), ac, blk[_B_NT] != 0, cst, sv, r0, r1)
+    _dx_mc(x, dy, y, _at(blk[_B_DX], (M, C), dt), ac, blk[_B_NT] != 0, cst, sv, r0, r1, dres, hasres)
 
 
 # The callbacks ``void fn(int64 *block)``: one per operation and dtype, compiled only when used.
@@ -244,7 +249,7 @@ def _team_address(op: str, dtype: str) -> int:
 
 _SLOTS = {"x": _B_X, "y": _B_Y, "dy": _B_DY, "dx": _B_DX, "mean": _B_MEAN, "var": _B_VAR, "w": _B_W,
           "b": _B_B, "cst": _B_CST, "sv": _B_SV, "dw": _B_DW, "db": _B_DB, "p1": _B_P1, "p2": _B_P2,
-          "inv": _B_INV, "res": _B_RES}
+          "inv": _B_INV, "res": _B_RES, "dres": _B_DRES}
 
 
 def _block(arrays: dict[str, torch.Tensor | int], sizes: tuple[int, ...],

@@ -152,8 +152,9 @@ from ._cpu_mc import _apply_mc, _constants_mc, _dx_mc, _grad_coefs_mc, _grad_sum
 from ._cpu_ncl import _backward_ncl, _forward_ncl  # noqa: E402
 from ._cpu_team import _block, _parallel, _split, _team_address, _threads  # noqa: E402
 
-__all__ = ["backward", "eval_backward", "eval_forward", "eval_forward_residual", "name", "supports",
-           "supports_residual", "train_forward", "train_forward_residual"]
+__all__ = ["backward", "backward_residual", "eval_backward", "eval_forward", "eval_forward_residual", "name",
+           "supports", "supports_backward_residual", "supports_residual", "train_forward",
+           "train_forward_residual"]
 
 name = "numba"
 
@@ -372,12 +373,18 @@ def eval_forward(x, mean, var, weight, bias, eps, channel_axis, act, slope):
                     False)
 
 
-def _backward(dy, x, y, weight, bias, mean, var, eps, axis, act, slope, train):
+def _backward(dy, x, y, weight, bias, mean, var, eps, axis, act, slope, train, residual=False):
+    """dx, dγ, dβ (and, with ``residual``, d(residual) first: y = act(BN(x) + residual), act' read from
+    ``y``)."""
     plan = _plan(x, axis)
     kind, _, shape = plan
     c = x.shape[axis]
     dy = _like(dy, x)
-    if act == "elu":
+    dres = None
+    if residual:
+        y = _like(y, x)
+        dres = _empty_like(x)
+    elif act == "elu":
         if y is None:  # ELU's derivative is read from its output; recompute it if not given
             y = eval_forward(x, mean, var, weight, bias, eps, axis, act, slope)
         y = _like(y, x)
@@ -397,30 +404,36 @@ def _backward(dy, x, y, weight, bias, mean, var, eps, axis, act, slope, train):
     if _omp.runtime():
         arrays = {"x": x, "dy": dy, "y": y, "dx": dx, "mean": m, "var": v, "w": w, "b": b, "sv": sv,
                   "dw": dw, "db": db, **scratch}
+        if residual:
+            arrays["dres"] = dres
         sizes = shape if kind == "ncl" else (*shape, nt)
         _launch("backward_" + kind, arrays, sizes, (train, sums, ac, stream), eps, nt)
     else:  # the Python thread pool
         xa, dya, ya, dxa = (_np(t, plan) for t in (x, dy, y, dx))
+        dra = _np(dres, plan) if residual else dxa  # (not written without a residual)
         m_, v_, w_, b_, sv_, dw_, db_ = (t.numpy() for t in (m, v, w, b, sv, dw, db))
         tables = _scratch_np(ws, x.dtype, c, nt if kind == "mc" else 0)
         cst_ = tables["cst"]
         if kind == "ncl":
             args = (xa, dya, ya, dxa, m_, v_, w_, b_, eps, train, sums, ac, stream, cst_, sv_, dw_, db_)
-            _parallel(_backward_ncl, [(*args, lo, hi) for lo, hi in _split(c, nt)])
+            _parallel(_backward_ncl, [(*args, lo, hi, dra, residual) for lo, hi in _split(c, nt)])
         else:
             pg, ph, inv = tables["p1"], tables["p2"], tables["inv"]
             _constants_mc(m_, v_, w_, b_, eps, cst_, inv)
             parts = _split(shape[0], nt)
-            if sums:
-                _parallel(_grad_sums_mc, [(xa, dya, ya, ac, cst_, sv_, pg[t], ph[t], lo, hi)
+            if sums or residual:
+                _parallel(_grad_sums_mc, [(xa, dya, ya, ac, cst_, sv_, pg[t], ph[t], lo, hi, dra, residual)
                                           for t, (lo, hi) in enumerate(parts)])
             else:
                 pg[:] = 0.0
                 ph[:] = 0.0
             _grad_coefs_mc(pg, ph, w_, inv, shape[0], train, cst_, dw_, db_)
-            _parallel(_dx_mc, [(xa, dya, ya, dxa, ac, stream, cst_, sv_, lo, hi) for lo, hi in parts])
+            _parallel(_dx_mc, [(xa, dya, ya, dxa, ac, stream, cst_, sv_, lo, hi, dra, residual)
+                               for lo, hi in parts])
     dweight = None if weight is None else dw.to(weight.dtype)
     dbias = None if bias is None else db.to(bias.dtype)
+    if residual:
+        return dx, dres, dweight, dbias
     return dx, dweight, dbias
 
 
@@ -436,6 +449,20 @@ def eval_backward(dy, x, y, weight, bias, mean, var, eps, channel_axis, act, slo
 
 # -- BN + residual add + activation ---------------------------------------------------------------
 _RES_ACTS = ("identity", "relu", "leaky_relu")
+
+
+def backward_residual(dy, x, y, weight, bias, mean, var, eps, channel_axis, act, slope, train=True):
+    """``(dx, d(residual), dγ, dβ)`` of ``y = act(BN(x) + residual)`` in the two sweeps of BN + act's
+    backward: the first reads x, dy and y and writes dz = dy·act'(z) — the residual's gradient — beside
+    the sums; the second reads x and dz and writes dx (``train``: batch statistics; else given ones).
+    act' is read from y, as torch's ``threshold_backward``/``leaky_relu_backward`` do: identity, relu,
+    leaky_relu with a slope ≥ 0 (:func:`supports_backward_residual`)."""
+    return _backward(dy, x, y, weight, bias, mean, var, eps, channel_axis, act, slope, train, residual=True)
+
+
+def supports_backward_residual(act: str, slope: float) -> bool:
+    """Whether :func:`backward_residual` covers ``act`` (its act' read from y needs a slope ≥ 0)."""
+    return act in _RES_ACTS and (act != "leaky_relu" or slope >= 0)
 
 
 #: Where our kernels start to beat torch's native kernel, per (pass, memory plan, fused activation):
@@ -457,9 +484,16 @@ CROSSOVER: dict[tuple[str, str, bool], int] = {
 
 def native_below(x: torch.Tensor, channel_axis: int, act: str, mode: str) -> int:
     """The size below which torch's native kernel is faster than ours for ``x``'s layout
-    (:data:`CROSSOVER`; ``x`` is one :func:`supports` accepted)."""
-    plan = _plan(x, channel_axis % x.ndim)
-    return CROSSOVER[mode, plan[0] if plan is not None else "ncl", act != "identity"]
+    (:data:`CROSSOVER`; asked before :func:`supports`: any layout it would refuse counts as "ncl")."""
+    nd = x.ndim
+    axis = channel_axis % nd
+    kind = "ncl"  # (what _plan would say, without its shape arithmetic: this runs on every call)
+    if x.is_contiguous():
+        if axis == nd - 1 or (x.shape[axis + 1] if axis + 2 == nd else math.prod(x.shape[axis + 1:])) == 1:
+            kind = "mc"
+    elif axis == 1 and nd in _CL and x.is_contiguous(memory_format=_CL[nd][0]):
+        kind = "mc"
+    return CROSSOVER[mode, kind, act != "identity"]
 
 
 def supports_residual(x: torch.Tensor, res: torch.Tensor, channel_axis: int, act: str) -> bool:

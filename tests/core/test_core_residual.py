@@ -76,9 +76,72 @@ def test_fused_kernels_match_the_oracle(dtype, layout, act, slope, runner):
     assert_close(ye, ref_e, rtol=rtol, atol=atol, what="eval y")
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed_dx"])
+@pytest.mark.parametrize("act,slope", [*ACTS[:3], ("leaky_relu", 0.0)],
+                         ids=["identity", "relu", "leaky", "leaky0"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_two_sweep_residual_backward_matches_the_oracle(dtype, layout, act, slope, runner, stream,
+                                                        monkeypatch):
+    # cpu.backward_residual: dz (= d(residual)) written by the sums sweep, dx by the second sweep;
+    # train against the oracle, eval (given statistics) against torch's activation backward + our
+    # eval backward (the three-sweep path it replaces)
+    if stream:
+        monkeypatch.setattr(cpu, "STREAM_MIN_BYTES", 0)  # (every 64-byte-aligned dx streams)
+    x, r, w, b, axis = _inputs(layout, dtype, seed=2)
+    if stream and layout == "nchw":
+        g = torch.Generator().manual_seed(2)
+        x = (torch.randn(3, 4, 4, 16, generator=g, dtype=torch.float64) + 0.3).to(dtype)  # rows of 64 B
+        r = torch.randn(x.shape, generator=g, dtype=torch.float64).to(dtype)
+        w, b = w[:1].repeat(4), b[:1].repeat(4)
+    rtol, atol = (2e-5, 2e-5) if dtype == torch.float32 else (1e-10, 1e-10)
+    y, mean, var = cpu.train_forward_residual(x, r, w, b, 1e-5, axis, act, slope)
+    dy = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3)).to(dtype)
+    if x.ndim == 4 and not x.is_contiguous():
+        dy = dy.contiguous(memory_format=torch.channels_last)
+    dx, dres, dw, db = cpu.backward_residual(dy, x, y, w, b, mean, var, 1e-5, axis, act, slope)
+    ref = R.backward_residual(_np(dy), _np(x), _np(r), _np(w), _np(b), 1e-5, axis, act, slope)
+    for got, want, what in zip((dx, dres, dw, db), ref, ("dx", "d(residual)", "dweight", "dbias")):
+        assert_close(got, want, rtol=rtol, atol=atol * max(1.0, np.abs(want).max()), what=f"train {what}")
+    assert dx.stride() == x.stride() and dres.stride() == x.stride()
+    rm, rv = mean.to(dtype) + 0.1, var.to(dtype) + 0.5
+    ye = cpu.eval_forward_residual(x, r, rm, rv, w, b, 1e-3, axis, act, slope)
+    dx, dres, dw, db = cpu.backward_residual(dy, x, ye, w, b, rm, rv, 1e-3, axis, act, slope, train=False)
+    want_dres = torch_backend.residual_grad(dy, x, r, ye, w, b, rm, rv, 1e-3, axis, act, slope)
+    want = cpu.eval_backward(want_dres, x, None, w, b, rm, rv, 1e-3, axis, "identity", slope)
+    assert torch.equal(dres, want_dres), "eval d(residual)"
+    for got, exp, what in zip((dx, dw, db), want, ("dx", "dweight", "dbias")):
+        assert_close(got, exp, rtol=rtol, atol=atol, what=f"eval {what}")
+
+
+def test_the_op_runs_the_two_sweep_backward_on_the_numba_backend(monkeypatch):
+    calls = []
+    real = cpu.backward_residual
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("train", True))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cpu, "backward_residual", spy)
+    x, r, w, b, _ = _inputs("nchw", torch.float32, seed=4)
+    xs, rs, ws, bs = (t.clone().requires_grad_() for t in (x, r, w, b))
+    with batchnorm.use_backend("numba"):
+        y, _ = RS.batch_norm_add_act_train(xs, rs, None, None, ws, bs, activation="relu")
+        y.backward(torch.ones_like(y))
+        ye = RS.batch_norm_add_act_eval(xs, rs, torch.zeros(3), torch.ones(3), ws, bs, activation="relu")
+        ye.sum().backward()
+    assert calls == [True, False]
+    # leaky_relu with a negative slope: act' cannot be read from y; the three-sweep path runs
+    with batchnorm.use_backend("numba"):
+        y, _ = RS.batch_norm_add_act_train(xs, rs, None, None, ws, bs, activation="leaky_relu",
+                                           negative_slope=-0.5)
+        y.sum().backward()
+    assert calls == [True, False]
+
+
 @pytest.mark.parametrize("act,slope", ACTS, ids=[a for a, _ in ACTS])
 @pytest.mark.parametrize("layout", ["nchw", "nhwc_memory"])
-@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("backend", ["auto", "torch", "numba"])
 def test_op_forward_and_backward_match_the_oracle(act, slope, layout, backend):
     x, r, w, b, axis = _inputs(layout, torch.float32, seed=1)
     xs, rs, ws, bs = (t.clone().requires_grad_() for t in (x, r, w, b))
