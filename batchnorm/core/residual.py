@@ -12,12 +12,14 @@ Backward, with ``z = γ x̂ + β + residual`` and ``dz = dy · act'(z)``::
     dx, dγ, dβ  = BN's backward of dz      (article 003's closed form, identity activation)
 
 ``dz`` must be written anyway (it *is* the residual's gradient). The numba kernels
-(:func:`batchnorm.kernels.cpu.backward_residual`) do the whole backward in BN + act's two sweeps: the
-first reads x, dy and y, writes dz (act' read from y, as torch's ``threshold_backward`` does) and
-sums it; the second reads x and dz — still in cache, a block of channels at a time in NCHW — and
-writes dx. The other backends make dz in one sweep with torch's own activation backward and then run
-the two-sweep BN backward on it (three sweeps). ``act'`` is read from y for the piecewise-linear
-activations and ELU; the smooth ones (SiLU, GELU, …) recompute z from x and the residual.
+(:func:`batchnorm.kernels.cpu.backward_residual`) do the whole backward of a large NCHW-like input in
+BN + act's two sweeps: the first reads x, dy and y, writes dz (act' read from y, as torch's
+``threshold_backward`` does) and sums it; the second reads x and dz — still in cache, a block of
+channels at a time — and writes dx: seven tensor passes where three sweeps take eight. Elsewhere
+(smaller inputs, channels-last, other backends; measured in ``benchmarks/residual_backward.py``) dz
+comes from torch's own activation backward in one sweep and the two-sweep BN backward runs on it.
+``act'`` is read from y for the piecewise-linear activations and ELU; the smooth ones (SiLU, GELU,
+…) recompute z from x and the residual.
 
 The fused kernels (:func:`batchnorm.kernels.cpu.train_forward_residual`) cover identity, relu and
 leaky_relu on what the numba backend supports; under ``auto`` anything else (small inputs included)
@@ -83,11 +85,11 @@ def residual_backend_for(x: torch.Tensor, residual: torch.Tensor, channel_axis: 
     return _backend(x, residual, channel_axis % x.ndim, activation).name
 
 
-def _fused_backward(backend, act: str, slope: float) -> bool:
-    """Whether ``backend`` has the two-sweep residual backward for ``act`` (the numba kernels:
-    :func:`batchnorm.kernels.cpu.backward_residual`)."""
+def _fused_backward(backend, x: torch.Tensor, axis: int, act: str, slope: float) -> bool:
+    """Whether ``backend`` runs the two-sweep residual backward for ``x`` and ``act`` (the numba
+    kernels: :func:`batchnorm.kernels.cpu.backward_residual`, large NCHW-like inputs)."""
     fits = getattr(backend, "supports_backward_residual", None)
-    return fits is not None and fits(act, slope)
+    return fits is not None and fits(x, axis, act, slope)
 
 
 def _differentiable_backward(dy, x, res, weight, bias, eps, axis, act, slope):
@@ -122,7 +124,7 @@ class BatchNormAddActTrainFn(torch.autograd.Function):
         eps, axis, act, slope = ctx.cfg
         if torch.is_grad_enabled():  # a graph of the backward is wanted: differentiable formulas
             dx, dres, dw, db = _differentiable_backward(dy, x, res, weight, bias, eps, axis, act, slope)
-        elif _fused_backward(ctx.backend, act, slope):  # two sweeps: dz written beside the sums
+        elif _fused_backward(ctx.backend, x, axis, act, slope):  # two sweeps: dz written beside the sums
             dx, dres, dw, db = ctx.backend.backward_residual(dy, x, y, weight, bias, mean, var, eps, axis,
                                                              act, slope)
         else:
@@ -154,7 +156,7 @@ class BatchNormAddActEvalFn(torch.autograd.Function):
         x, res, mean, var, weight, bias, y = ctx.saved_tensors
         eps, axis, act, slope = ctx.cfg
         backend = torch_backend if torch.is_grad_enabled() else ctx.backend
-        if backend is not torch_backend and _fused_backward(backend, act, slope):
+        if backend is not torch_backend and _fused_backward(backend, x, axis, act, slope):
             dx, dres, dw, db = backend.backward_residual(dy, x, y, weight, bias, mean, var, eps, axis, act,
                                                          slope, train=False)
         else:

@@ -175,13 +175,12 @@ def _dz(xv, dyv, yv, h, lo, sc, bb, zero, one, neg, alpha, elu):
 
 
 @nb.njit(**_STRICT)
-def _grad_sums_mc(x, dy, y, ac, cst, sv, pg, ph, r0, r1, dres, hasres):
+def _grad_sums_mc(x, dy, y, ac, cst, sv, pg, ph, r0, r1):
     """pg, ph (float64 vectors, overwritten) ← g = Σ dz and h' = Σ dz·(x − hi) of rows [r0, r1).
 
     Same lane layout as :func:`_sums_mc`: groups of R rows as W = R·C lanes, four groups per update;
     ELU (whose derivative reads y) and the smooth activations (``ac`` >= 2: act'(z) by _smooth_grad)
-    go row by row, which keeps the compiled code small. ``hasres`` (BN + residual + act, code 0,
-    slope ≥ 0): row by row, dz = dy·act'(z) read from y, also written to ``dres``.
+    go row by row, which keeps the compiled code small.
     """
     M, C = x.shape
     R, W = _lanes(C)
@@ -191,8 +190,7 @@ def _grad_sums_mc(x, dy, y, ac, cst, sv, pg, ph, r0, r1, dres, hasres):
         ph[c] = 0.0
     hw, lw, sw, bw = _tile(cst[0], W), _tile(cst[1], W), _tile(cst[2], W), _tile(cst[3], W)
     elu = ac == 1
-    # whole groups, in fours (others: row by row)
-    groups = 0 if ac != 0 or hasres else (r1 - r0) // R // 4 * 4
+    groups = 0 if ac != 0 else (r1 - r0) // R // 4 * 4  # whole groups, in fours (others: row by row)
     lo_, hi_ = r0 * C, (r0 + groups * R) * C
     vx = x.reshape(M * C)[lo_:hi_].reshape((groups, W))  # group g = row g
     vd = dy.reshape(M * C)[lo_:hi_].reshape((groups, W))
@@ -212,13 +210,7 @@ def _grad_sums_mc(x, dy, y, ac, cst, sv, pg, ph, r0, r1, dres, hasres):
         _fold(ah, ph, C, zero)
     for i0 in range(r0 + groups * R, r1, _ROWS):  # the rows after the last four whole groups
         for i in range(i0, min(i0 + _ROWS, r1)):
-            if hasres:
-                for c in range(C):
-                    dz = dy[i, c] * (one if y[i, c] > zero else neg)
-                    dres[i, c] = dz
-                    ag[c] += dz
-                    ah[c] += dz * (x[i, c] - hw[c])
-            elif ac > 1:
+            if ac > 1:
                 for c in range(C):
                     d = x[i, c] - hw[c]
                     z = (d - lw[c]) * sw[c] + bw[c]
@@ -253,24 +245,13 @@ def _grad_coefs_mc(pg, ph, w, inv, M, train, cst, dw, db):
 
 
 @nb.njit(**_STRICT)
-def _dx_mc(x, dy, y, dx, ac, nt, cst, sv, r0, r1, dres, hasres):
-    """dx = sc·dz + q·(x − μ) + r for rows [r0, r1); ``nt``: stream dx (code 0; rows on 64-byte lines);
-    ``hasres``: dz is ``dres``, written by :func:`_grad_sums_mc`."""
+def _dx_mc(x, dy, y, dx, ac, nt, cst, sv, r0, r1):
+    """dx = sc·dz + q·(x − μ) + r for rows [r0, r1); ``nt``: stream dx (code 0; rows on 64-byte lines)."""
     C = x.shape[1]
     zero, one, neg, alpha = sv[0], sv[1], sv[2], sv[3]
     hi, lo, sc, bb, q, r = cst[0], cst[1], cst[2], cst[3], cst[4], cst[5]
     for i in range(r0, r1):
-        if hasres:  # (act' is 1 on dz: neg = one)
-            if nt:
-                dxr = dx[i]
-                for c in range(C):
-                    v = _dx1(x[i, c], dres[i, c], hi[c], lo[c], sc[c], bb[c], q[c], r[c], zero, one, one)
-                    _stream.store(dxr, c, v)
-            else:
-                for c in range(C):
-                    dx[i, c] = _dx1(x[i, c], dres[i, c], hi[c], lo[c], sc[c], bb[c], q[c], r[c], zero, one,
-                                    one)
-        elif ac == 1:
+        if ac == 1:
             for c in range(C):
                 d = (x[i, c] - hi[c]) - lo[c]
                 z = d * sc[c] + bb[c]

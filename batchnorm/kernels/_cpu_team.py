@@ -42,7 +42,7 @@ _BLOCK = 25
  _B_W, _B_B, _B_CST, _B_SV, _B_DW, _B_DB, _B_P1, _B_P2, _B_INV, _B_NT, _B_RES, _B_DRES) = range(_BLOCK)
 # sizes: (N, C, L) kernels  N, C, L;  (M, C) kernels  N = M, C, L = rows of the partial-sum tables
 # _B_AC: the activation code (_cpu_common._KIND); _B_RES: the residual's address, 0 for none;
-# _B_DRES: the residual's gradient (backward of BN + residual + act), 0 for none
+# _B_DRES: the residual's gradient (backward of BN + residual + act, (N, C, L) only), 0 for none
 
 
 @nb.njit(**_STRICT)
@@ -126,14 +126,12 @@ def _team_backward_mc_body(blk, dt):
     cst, sv = _at(blk[_B_CST], (6, C), dt), _at(blk[_B_SV], 4, dt)
     pg, ph = _at(blk[_B_P1], (S, C), f64), _at(blk[_B_P2], (S, C), f64)
     ac = blk[_B_AC]
-    hasres = blk[_B_DRES] != 0
-    dres = _at(blk[_B_DRES] if hasres else blk[_B_DX], (M, C), dt)
     if t == 0:
         _constants_mc(_at(blk[_B_MEAN], C, f64), _at(blk[_B_VAR], C, f64), _at(blk[_B_W], C, f64),
                       _at(blk[_B_B], C, f64), blk.view(f64)[_B_EPS], cst, _at(blk[_B_INV], C, f64))
     _omp.barrier()
-    if blk[_B_SUMS] != 0 or hasres:
-        _grad_sums_mc(x, dy, y, ac, cst, sv, pg[t], ph[t], r0, r1, dres, hasres)
+    if blk[_B_SUMS] != 0:
+        _grad_sums_mc(x, dy, y, ac, cst, sv, pg[t], ph[t], r0, r1)
     else:  # (no dγ, dβ and no batch statistics: the sums are not needed; the merge reads zeros)
         for c in range(C):
             pg[t, c] = 0.0
@@ -143,7 +141,7 @@ def _team_backward_mc_body(blk, dt):
         _grad_coefs_mc(pg, ph, _at(blk[_B_W], C, f64), _at(blk[_B_INV], C, f64), M, blk[_B_TRAIN] != 0, cst,
                        _at(blk[_B_DW], C, f64), _at(blk[_B_DB], C, f64))
     _omp.barrier()
-    _dx_mc(x, dy, y, _at(blk[_B_DX], (M, C), dt), ac, blk[_B_NT] != 0, cst, sv, r0, r1, dres, hasres)
+    _dx_mc(x, dy, y, _at(blk[_B_DX], (M, C), dt), ac, blk[_B_NT] != 0, cst, sv, r0, r1)
 
 
 # The callbacks ``void fn(int64 *block)``: one per operation and dtype, compiled only when used.

@@ -382,6 +382,9 @@ def _backward(dy, x, y, weight, bias, mean, var, eps, axis, act, slope, train, r
     dy = _like(dy, x)
     dres = None
     if residual:
+        if kind != "ncl":
+            raise RuntimeError("batchnorm.kernels.cpu: the two-sweep residual backward runs (N, C, L) "
+                               "layouts only; see supports_backward_residual")
         y = _like(y, x)
         dres = _empty_like(x)
     elif act == "elu":
@@ -421,15 +424,14 @@ def _backward(dy, x, y, weight, bias, mean, var, eps, axis, act, slope, train, r
             pg, ph, inv = tables["p1"], tables["p2"], tables["inv"]
             _constants_mc(m_, v_, w_, b_, eps, cst_, inv)
             parts = _split(shape[0], nt)
-            if sums or residual:
-                _parallel(_grad_sums_mc, [(xa, dya, ya, ac, cst_, sv_, pg[t], ph[t], lo, hi, dra, residual)
+            if sums:
+                _parallel(_grad_sums_mc, [(xa, dya, ya, ac, cst_, sv_, pg[t], ph[t], lo, hi)
                                           for t, (lo, hi) in enumerate(parts)])
             else:
                 pg[:] = 0.0
                 ph[:] = 0.0
             _grad_coefs_mc(pg, ph, w_, inv, shape[0], train, cst_, dw_, db_)
-            _parallel(_dx_mc, [(xa, dya, ya, dxa, ac, stream, cst_, sv_, lo, hi, dra, residual)
-                               for lo, hi in parts])
+            _parallel(_dx_mc, [(xa, dya, ya, dxa, ac, stream, cst_, sv_, lo, hi) for lo, hi in parts])
     dweight = None if weight is None else dw.to(weight.dtype)
     dbias = None if bias is None else db.to(bias.dtype)
     if residual:
@@ -454,15 +456,32 @@ _RES_ACTS = ("identity", "relu", "leaky_relu")
 def backward_residual(dy, x, y, weight, bias, mean, var, eps, channel_axis, act, slope, train=True):
     """``(dx, d(residual), dγ, dβ)`` of ``y = act(BN(x) + residual)`` in the two sweeps of BN + act's
     backward: the first reads x, dy and y and writes dz = dy·act'(z) — the residual's gradient — beside
-    the sums; the second reads x and dz and writes dx (``train``: batch statistics; else given ones).
-    act' is read from y, as torch's ``threshold_backward``/``leaky_relu_backward`` do: identity, relu,
-    leaky_relu with a slope ≥ 0 (:func:`supports_backward_residual`)."""
+    the sums; the second reads x and dz (a block of channels at a time, still in cache) and writes dx
+    (``train``: batch statistics; else given ones). act' is read from y, as torch's
+    ``threshold_backward``/``leaky_relu_backward`` do: identity, relu, leaky_relu with a slope ≥ 0.
+    (N, C, L) layouts only (:func:`supports_backward_residual`)."""
     return _backward(dy, x, y, weight, bias, mean, var, eps, channel_axis, act, slope, train, residual=True)
 
 
-def supports_backward_residual(act: str, slope: float) -> bool:
-    """Whether :func:`backward_residual` covers ``act`` (its act' read from y needs a slope ≥ 0)."""
-    return act in _RES_ACTS and (act != "leaky_relu" or slope >= 0)
+RESIDUAL_BACKWARD_MIN_BYTES = 8 << 20
+"""Inputs of at least this many bytes take :func:`backward_residual`; smaller ones the three sweeps
+(torch's activation backward, then our BN backward). Measured with ``benchmarks/residual_backward.py``
+(2 threads, float32, three-sweep time / fused time): NCHW inputs of 25 MB 1.02–1.25×, where one
+tensor pass of eight is saved; at 6.4 MB, which stays in the last-level cache, the pass count
+matters less than the fused first sweep's extra work (0.76–0.80×). The (M, C) layouts keep three
+sweeps: a fused (M, C) version measured 0.83–1.06×, so it was not kept."""
+
+
+def supports_backward_residual(x: torch.Tensor, channel_axis: int, act: str, slope: float) -> bool:
+    """Whether the residual backward of ``x`` takes :func:`backward_residual`: a piecewise-linear
+    activation whose act' can be read from y (slope ≥ 0), an (N, C, L) layout and at least
+    :data:`RESIDUAL_BACKWARD_MIN_BYTES`."""
+    if act not in _RES_ACTS or (act == "leaky_relu" and slope < 0):
+        return False
+    if x.numel() * x.element_size() < RESIDUAL_BACKWARD_MIN_BYTES:
+        return False
+    plan = _plan(x, channel_axis % x.ndim)
+    return plan is not None and plan[0] == "ncl"
 
 
 #: Where our kernels start to beat torch's native kernel, per (pass, memory plan, fused activation):

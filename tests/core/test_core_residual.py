@@ -26,6 +26,11 @@ LAYOUTS = {
     "nc": ((37, 6), 1, None),
     "nhwc_memory": ((5, 3, 4, 6), 1, torch.channels_last),
     "nhwc_axis": ((4, 5, 6, 3), -1, None),
+    "ncl": ((3, 5, 17), 1, None),
+    # (M, C) with enough rows for the lane-grouped sums (R = 1024 // C rows a group, four groups at a
+    # time) and a remainder done row by row
+    "nc_grouped": ((200, 64), 1, None),
+    "nhwc_grouped": ((4, 64, 6, 6), 1, torch.channels_last),
 }
 
 
@@ -79,7 +84,7 @@ def test_fused_kernels_match_the_oracle(dtype, layout, act, slope, runner):
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed_dx"])
 @pytest.mark.parametrize("act,slope", [*ACTS[:3], ("leaky_relu", 0.0)],
                          ids=["identity", "relu", "leaky", "leaky0"])
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("layout", ["nchw", "ncl"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 def test_two_sweep_residual_backward_matches_the_oracle(dtype, layout, act, slope, runner, stream,
                                                         monkeypatch):
@@ -123,6 +128,7 @@ def test_the_op_runs_the_two_sweep_backward_on_the_numba_backend(monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(cpu, "backward_residual", spy)
+    monkeypatch.setattr(cpu, "RESIDUAL_BACKWARD_MIN_BYTES", 0)  # (the test's input is small)
     x, r, w, b, _ = _inputs("nchw", torch.float32, seed=4)
     xs, rs, ws, bs = (t.clone().requires_grad_() for t in (x, r, w, b))
     with batchnorm.use_backend("numba"):
@@ -137,6 +143,21 @@ def test_the_op_runs_the_two_sweep_backward_on_the_numba_backend(monkeypatch):
                                            negative_slope=-0.5)
         y.sum().backward()
     assert calls == [True, False]
+
+
+def test_which_residual_backward_runs():
+    big = torch.empty(32, 64, 32, 32)  # 8 MiB of float32
+    assert cpu.supports_backward_residual(big, 1, "relu", 0.0)
+    assert cpu.supports_backward_residual(big, 1, "leaky_relu", 0.0)
+    assert not cpu.supports_backward_residual(big, 1, "leaky_relu", -0.5)  # act' not readable from y
+    assert not cpu.supports_backward_residual(big, 1, "elu", 1.0)
+    assert not cpu.supports_backward_residual(torch.empty(32, 64, 32, 31), 1, "relu", 0.0)  # below 8 MiB
+    nhwc = big.contiguous(memory_format=torch.channels_last)
+    assert not cpu.supports_backward_residual(nhwc, 1, "relu", 0.0)
+    x, r, w, b, axis = _inputs("nc", torch.float32)
+    y, mean, var = cpu.train_forward_residual(x, r, w, b, 1e-5, axis, "relu", 0.0)
+    with pytest.raises(RuntimeError, match=r"\(N, C, L\) layouts only"):
+        cpu.backward_residual(torch.ones_like(x), x, y, w, b, mean, var, 1e-5, axis, "relu", 0.0)
 
 
 @pytest.mark.parametrize("act,slope", ACTS, ids=[a for a, _ in ACTS])
