@@ -29,6 +29,9 @@ float64 (float64 statistics returned), which costs more, but only for such data.
 
 from __future__ import annotations
 
+import weakref
+
+import numpy as np
 import torch
 
 from ..stats import acc_dtype
@@ -43,10 +46,47 @@ _ACC = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
 MAX_SHIFT = 64.0
 
 
+_COND_CACHE: dict[int, tuple] = {}
+_COND_CACHE_MAX = 512
+
+
 def ill_conditioned(mean: torch.Tensor, var: torch.Tensor, eps: float) -> bool:
-    """Whether torch's folded normalisation would be less accurate than ours for these statistics."""
+    """Whether torch's folded normalisation would be less accurate than ours for these statistics
+    (``max |mean| / sqrt(var + ε)`` > :data:`MAX_SHIFT`).
+
+    Asked on every native call with float32 data, so it is kept cheap: the answer is cached per
+    (mean, var) pair of tensor objects and their version counters — running statistics in eval pay
+    for it once, until they change — and computed with NumPy on the CPU (10 µs against 23 µs for the
+    torch ops on 64 channels; it was 8 % of a ResNet-18 eval step's BN time). Weak references make
+    sure a cache entry never answers for another tensor that reuses a freed one's ``id``."""
+    key = id(mean)
+    try:
+        versions = (mean._version, var._version)
+    except RuntimeError:  # inference tensors have no version counter: no caching
+        return _ill_conditioned(mean, var, eps)
+    hit = _COND_CACHE.get(key)
+    if hit is not None and hit[0]() is mean and hit[1]() is var and hit[2] == versions and hit[3] == eps:
+        return hit[4]
+    answer = _ill_conditioned(mean, var, eps)
+    if len(_COND_CACHE) >= _COND_CACHE_MAX:
+        _COND_CACHE.clear()
+    _COND_CACHE[key] = (weakref.ref(mean), weakref.ref(var), versions, eps, answer)
+    return answer
+
+
+def _ill_conditioned(mean: torch.Tensor, var: torch.Tensor, eps: float) -> bool:
+    if (mean.device.type == "cpu" and var.device.type == "cpu" and mean.dtype in _NP_DTYPES
+            and var.dtype in _NP_DTYPES):
+        m = mean.detach().numpy()
+        v = var.detach().numpy().astype(m.dtype, copy=False)
+        with np.errstate(invalid="ignore", divide="ignore"):  # (as torch: var + ε ≤ 0 gives inf/NaN)
+            r = (np.abs(m) / np.sqrt(v + eps)).max()
+        return bool(r > MAX_SHIFT)  # (NaN: False, as with torch's max)
     with torch.no_grad():
         return bool((mean.abs() * torch.rsqrt(var.to(mean.dtype) + eps)).max() > MAX_SHIFT)
+
+
+_NP_DTYPES = (torch.float32, torch.float64)
 
 
 #: activations applied here in place after torch's kernel, with derivatives read from the output;

@@ -323,3 +323,34 @@ def test_the_fast_path_accepts_only_what_the_general_path_sends_to_native(case):
         assert torch.equal(ours, theirs)
     for (k, a), b in zip(m.state_dict().items(), general.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+# -- the conditioning check ---------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("mean,var,eps", [
+    ([1.0, 2.0], [1.0, 1.0], 1e-5), ([100.0, 0.0], [1.0, 1.0], 1e-5), ([1.0, float("nan")], [1.0, 1.0], 1e-5),
+    ([1.0, 1.0], [0.0, -1.0], 0.0), ([1e3, 0.0], [0.0, 0.0], 0.0), ([0.0, 0.0], [0.0, 0.0], 0.0)])
+def test_ill_conditioned_answers_as_the_torch_formula(dtype, mean, var, eps):
+    m, v = torch.tensor(mean, dtype=dtype), torch.tensor(var, dtype=dtype)
+    want = bool((m.abs() * torch.rsqrt(v + eps)).max() > N.MAX_SHIFT)
+    with np.errstate(all="raise"):  # (and no NumPy warning on the way)
+        assert N.ill_conditioned(m, v, eps) == want
+        assert N.ill_conditioned(m, v, eps) == want  # cached
+
+
+def test_ill_conditioned_cache_follows_writes_and_never_answers_for_another_tensor():
+    m, v = torch.zeros(3), torch.ones(3)
+    assert not N.ill_conditioned(m, v, 1e-5)
+    m.fill_(1e3)  # an in-place write bumps the version: asked again
+    assert N.ill_conditioned(m, v, 1e-5)
+    v.fill_(1e6)
+    assert not N.ill_conditioned(m, v, 1e-5)
+    v.zero_()
+    assert N.ill_conditioned(m, v, 1.0) and not N.ill_conditioned(m, v, 1e6)  # the eps is part of the key
+    for i in range(200):  # freed tensors' ids get reused: a new tensor must not inherit an old answer
+        a = torch.full((3,), 1e3 if i % 2 else 0.0)
+        assert N.ill_conditioned(a, torch.ones(3), 1e-5) == bool(i % 2)
+        del a
+    with torch.inference_mode():  # no version counter: computed each time
+        mi, vi = torch.full((3,), 1e3), torch.ones(3)
+        assert N.ill_conditioned(mi, vi, 1e-5)
