@@ -6,7 +6,9 @@ variants take turns, rep after rep, so a noisy machine moves them alike):
 * ``train step``: forward + cross-entropy + backward + ``SGD.step`` (random weights and data);
 * ``eval``: images per second under ``no_grad`` in eval mode;
 
-for three variants of the same model (same weights):
+for three variants of the same model (same weights). Speed-ups are the medians of each rep's own
+ratio (torch time / variant time: > 1 is faster than torch), the order of the variants reversing
+from one rep to the next;
 
 * ``torch``   the model as built, torch's ``nn.BatchNorm2d`` (the baseline);
 * ``ours``    :func:`batchnorm.fuse_residual_blocks` (BN + add + ReLU fused in every residual block),
@@ -186,18 +188,26 @@ def convert(model: nn.Module) -> nn.Module:
 
 
 # -- timing ------------------------------------------------------------------------------------
-def _interleaved(fns: dict[str, Callable[[], Any]], reps: int, warmup: int) -> dict[str, float]:
-    """Median seconds of each function, the functions taking turns within every rep."""
+def _interleaved(fns: dict[str, Callable[[], Any]], reps: int, warmup: int
+                 ) -> tuple[dict[str, float], dict[str, float]]:
+    """``(medians, ratios)``: each function's median seconds, and the median over reps of the first
+    function's time in that rep divided by each one's (> 1: faster than the first). The functions
+    take turns within every rep, in an order that reverses from one rep to the next (whoever runs
+    second finds the other's memory freed and the caches warm); a per-rep ratio cancels a slow spell
+    of a shared machine, which hits every function of the rep alike."""
     for _ in range(warmup):
         for f in fns.values():
             f()
+    names = list(fns)
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, f in fns.items():
+    for i in range(reps):
+        for k in (names if i % 2 == 0 else names[::-1]):
             t0 = time.perf_counter()
-            f()
+            fns[k]()
             times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    first = times[names[0]]
+    ratios = {k: statistics.median(a / b for a, b in zip(first, v)) for k, v in times.items()}
+    return {k: statistics.median(v) for k, v in times.items()}, ratios
 
 
 _BN_OPS = ("batch_norm",)
@@ -260,19 +270,19 @@ def _case(name: str, fmt: str, batch: int, size: int, reps: int, warmup: int) ->
     t0 = time.perf_counter()
     train_step("ours")()  # first use (kernel compile or cache load), reported apart
     first = time.perf_counter() - t0
-    train = _interleaved({k: train_step(k) for k in models}, reps, warmup)
+    train, train_ratio = _interleaved({k: train_step(k) for k in models}, reps, warmup)
     shares = _profile_shares(fwd_bwd)
     for m in models.values():
         m.eval()
     folded = batchnorm.fold_bn(ref)
     evals = {"torch": ref, "ours": ours, "folded": folded}
     with torch.no_grad():
-        ev = _interleaved({k: (lambda m=m: m(x)) for k, m in evals.items()}, reps, warmup)
+        ev, ev_ratio = _interleaved({k: (lambda m=m: m(x)) for k, m in evals.items()}, reps, warmup)
     return {"model": name, "source": source, "layout": fmt, "batch": batch, "size": size,
             "train_ms": {k: 1e3 * v for k, v in train.items()},
-            "train_speedup": train["torch"] / train["ours"],
+            "train_speedup": train_ratio["ours"],
             "eval_img_s": {k: batch / v for k, v in ev.items()},
-            "eval_speedup": {k: ev["torch"] / ev[k] for k in ("ours", "folded")},
+            "eval_speedup": {k: ev_ratio[k] for k in ("ours", "folded")},
             "torch_shares": shares, "first_step_s": first, "eval_rel_err": err}
 
 
@@ -293,9 +303,11 @@ def run(names: Sequence[str], batch: int, size: int, reps: int, warmup: int) -> 
 def _print(result: dict[str, Any]) -> None:
     m = result["meta"]
     print(f"Whole training steps (fwd + cross-entropy + bwd + SGD) and eval, medians of {m['reps']} "
-          f"interleaved runs, {m['threads']} threads, torch {m['torch']}")
+          f"interleaved runs (speed-ups: medians of the runs' own torch/variant ratios), {m['threads']} "
+          f"threads, torch {m['torch']}")
     head = (f"{'model':<20}{'layout':<7}{'torch ms':>9}{'ours ms':>9}{'speed-up':>9}  "
-            f"{'BN%':>5}{'act%':>6}{'add%':>6}  {'eval img/s torch':>17}{'ours':>8}{'folded':>8}  first s")
+            f"{'BN%':>5}{'act%':>6}{'add%':>6}  {'eval img/s torch':>17}{'ours':>8}{'folded':>8}"
+            f"{'ours×':>7}{'fold×':>7}  first s")
     print(head)
     print("-" * len(head))
     for r in result["rows"]:
@@ -303,7 +315,8 @@ def _print(result: dict[str, Any]) -> None:
         print(f"{r['model']:<20}{r['layout']:<7}{t['torch']:>9.1f}{t['ours']:>9.1f}"
               f"{r['train_speedup']:>8.2f}x  "
               f"{100 * s['bn']:>5.1f}{100 * s['act']:>6.1f}{100 * s['add']:>6.1f}  {e['torch']:>17.0f}"
-              f"{e['ours']:>8.0f}{e['folded']:>8.0f}  {r['first_step_s']:.1f}")
+              f"{e['ours']:>8.0f}{e['folded']:>8.0f}{r['eval_speedup']['ours']:>7.2f}"
+              f"{r['eval_speedup']['folded']:>7.2f}  {r['first_step_s']:.1f}")
     for r in result["rows"][:1]:
         print(f"(input {r['batch']}x3x{r['size']}x{r['size']}; model definition: {r['source']}; "
               f"BN%/act%/add%: share of torch's fwd+bwd self CPU time in those ops, the most fusing saves)")

@@ -261,13 +261,15 @@ class _BatchNorm(_TorchBatchNorm):
                                      negative_slope=self.negative_slope)
         return self._train_step(F.batch_norm_train, x, axis, inplace_stats=True)
 
-    def _forward_fast(self, x: torch.Tensor) -> torch.Tensor | None:
+    def _forward_fast(self, x: torch.Tensor, res: torch.Tensor | None = None) -> torch.Tensor | None:
         """The common call on the native path — a small input (or a device without our kernels), the
         channels on axis 1, torch's flags — accepted after about 1 µs of checks instead of the general
         path's 3 µs (at 13 µs for a whole ``BatchNorm2d(16)`` eval call on 8×16×8×8, that glue is what
         made small layers slower than torch's). Returns None for anything else, and the general path
         then runs every check, raising its errors: this one only ever accepts what it would accept and
-        route to :meth:`_forward_native` (``tests/core/test_core_native.py`` checks the two agree)."""
+        route to :meth:`_forward_native` (``tests/core/test_core_native.py`` checks the two agree).
+        ``res``: the residual of ``act(BN(x) + res)`` (:mod:`batchnorm.core.residual`), which must
+        then be a plain tensor of x's shape, dtype and device."""
         choice = kernels._choice
         if (self.channel_axis != 1 or choice not in ("auto", "native") or x.ndim not in self._ranks
                 or self.activation not in native_backend.ACTIVATIONS or not x.is_floating_point()):
@@ -297,7 +299,10 @@ class _BatchNorm(_TorchBatchNorm):
                 return None
         elif x.dtype != torch.float64 and not self._well_conditioned():
             return None
-        return self._forward_native(x, 1, batch_stats, _batch_norm_eager, inplace_act=True)
+        if res is not None and (type(res) is not torch.Tensor or res.shape != x.shape or res.dtype != x.dtype
+                                or res.device != x.device):
+            return None
+        return self._forward_native(x, 1, batch_stats, _batch_norm_eager, inplace_act=True, res=res)
 
     def _masked_forward(self, op: str, x: torch.Tensor, axis: int, mask: torch.Tensor,
                         batch_stats: bool) -> torch.Tensor:
@@ -357,11 +362,13 @@ class _BatchNorm(_TorchBatchNorm):
             self.__dict__["_conditioning"] = cache
         return cache[1]
 
-    def _forward_native(self, x, axis: int, batch_stats: bool, batch_norm, inplace_act: bool):
+    def _forward_native(self, x, axis: int, batch_stats: bool, batch_norm, inplace_act: bool, res=None):
         """torch's ``_BatchNorm.forward`` (same statements, same order, same numbers) on channels moved
         to axis 1, then the activation; ``batch_norm`` is ``F.batch_norm`` while capturing (the op a
         tracer records) or ``torch.batch_norm`` eagerly (the same kernel, without F's Python checks:
-        the input was validated already, before anything was written)."""
+        the input was validated already, before anything was written). ``res`` (channels on axis 1,
+        x's shape): added before the activation, in place on the fresh output when ``inplace_act`` —
+        torch's ``bn2 → += identity → relu`` ops, autograd included."""
         training, momentum = self.training, self.momentum
         bufs, params = self.__dict__["_buffers"], self.__dict__["_parameters"]  # (see forward)
         factor = 0.0 if momentum is None else momentum
@@ -377,6 +384,8 @@ class _BatchNorm(_TorchBatchNorm):
         y = batch_norm(xv, bufs.get("running_mean") if use_buffers else None,
                        bufs.get("running_var") if use_buffers else None,
                        params.get("weight"), params.get("bias"), batch_stats, factor, self.eps)
+        if res is not None:
+            y = y.add_(res) if inplace_act else y + res
         return self._activate(y if axis == 1 else y.movedim(1, axis), inplace_act)
 
     def _activate(self, y, inplace: bool):

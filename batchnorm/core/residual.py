@@ -47,7 +47,7 @@ from .. import kernels
 from .._checks import check_activation, check_channel_tensor, check_eps, check_input
 from ..kernels import native_backend, native_residual, torch_backend
 from ..stats import batch_moments
-from .autograd import _records
+from .autograd import _records, capturing
 from .functional import RunningStats, _check_train_args, _skip_nonfinite, update_running_stats
 from .modules import _BatchNormAct
 
@@ -62,12 +62,12 @@ __all__ = [
 ]
 
 
-def _backend(x: torch.Tensor, res: torch.Tensor, axis: int, act: str):
+def _backend(x: torch.Tensor, res: torch.Tensor, axis: int, act: str, mode: str = "train"):
     """The backend that runs the fused op: the one :func:`batchnorm.kernels.select` picks, if it has
     residual kernels that take these inputs; else, where that is the native backend or the choice is
     ``auto``, torch's native kernel (:mod:`batchnorm.kernels.native_residual`); else (a forced
     backend without a residual kernel for these inputs, or ``"torch"``) the torch composite."""
-    mod = kernels.select(x, axis, act)
+    mod = kernels.select(x, axis, act, mode)
     fits = getattr(mod, "supports_residual", None)
     if fits is not None and fits(x, res, axis, act):
         return mod
@@ -78,11 +78,11 @@ def _backend(x: torch.Tensor, res: torch.Tensor, axis: int, act: str):
 
 
 def residual_backend_for(x: torch.Tensor, residual: torch.Tensor, channel_axis: int = 1,
-                         activation: str = "relu") -> str:
+                         activation: str = "relu", *, training: bool = True) -> str:
     """Name of the backend that would run :func:`batch_norm_add_act_train` on these inputs now
     (``"numba"``, ``"native"`` or ``"torch"``): the residual op's counterpart of
     :func:`batchnorm.kernels.backend_for`."""
-    return _backend(x, residual, channel_axis % x.ndim, activation).name
+    return _backend(x, residual, channel_axis % x.ndim, activation, "train" if training else "eval").name
 
 
 def _fused_backward(backend, x: torch.Tensor, axis: int, act: str, slope: float) -> bool:
@@ -141,7 +141,7 @@ class BatchNormAddActEvalFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, res, mean, var, weight, bias, eps, axis, act, slope):
-        backend = _backend(x, res, axis, act)
+        backend = _backend(x, res, axis, act, "eval")
         y = backend.eval_forward_residual(x, res, mean, var, weight, bias, eps, axis, act, slope)
         ctx.backend = backend
         ctx.cfg = (eps, axis, act, slope)
@@ -282,6 +282,12 @@ class _BatchNormAddAct(_BatchNormAct):
     """Base of the fused BN + residual add + activation modules: ``forward(input, residual)``."""
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        if type(input) is torch.Tensor and not torch.compiler.is_compiling() and not capturing():
+            # small inputs and devices without our kernels: torch's batch_norm, add_ and activation op,
+            # as torch's own block runs them (a custom Function around them cost 40-50 µs a call)
+            y = self._forward_fast(input, residual)
+            if y is not None:
+                return y
         op = type(self).__name__
         batch_stats = self._use_batch_stats()
         x, axis = check_input(op, input, ranks=self._ranks, channel_axis=self.channel_axis,

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from helpers.util import assert_close
+from torch import nn
 
 import batchnorm
 from batchnorm import reference as R
@@ -153,12 +154,49 @@ def test_backend_selection_reports_the_native_path():
     assert not native_residual.supports_residual(x, r[:1], 1, "relu")
 
 
-def test_module_under_auto_runs_native_for_small_inputs(spy):
-    m = batchnorm.BatchNormAddAct2d(4)
-    x, r = torch.randn(2, 4, 3, 3, requires_grad=True), torch.randn(2, 4, 3, 3, requires_grad=True)
-    m(x, r).sum().backward()
-    assert spy["train"] == 1 and spy["backward"] == 1
-    m.eval()
+@pytest.mark.parametrize("act,torch_act", [("relu", torch.relu_), ("identity", lambda y: y),
+                                            ("leaky_relu", lambda y: nn.functional.leaky_relu_(y, 0.01))])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_module_fast_path_is_torchs_bn_add_act_bit_for_bit(act, torch_act, momentum, spy):
+    # small inputs under auto: the module runs torch's batch_norm, add_ and activation op itself (no
+    # custom Function), exactly as torch's own block: same outputs, gradients and running statistics
+    m = batchnorm.BatchNormAddAct2d(4, activation=act, momentum=momentum)
+    ref = nn.BatchNorm2d(4, momentum=momentum)
     with torch.no_grad():
-        m(x, r)
-    assert spy["eval"] == 1
+        for t in (m.weight, ref.weight):
+            t.copy_(torch.linspace(0.5, 1.5, 4))
+    g = torch.Generator().manual_seed(5)
+    x0, r0 = torch.randn(3, 4, 5, 5, generator=g), torch.randn(3, 4, 5, 5, generator=g)
+    for step in range(2):
+        xs, rs = x0.clone().requires_grad_(), r0.clone().requires_grad_()
+        xt, rt = x0.clone().requires_grad_(), r0.clone().requires_grad_()
+        y = m(xs, rs)
+        yt = ref(xt)
+        yt += rt
+        yt = torch_act(yt)
+        assert torch.equal(y, yt), f"train y, step {step}"
+        dy = torch.randn(y.shape, generator=g)
+        y.backward(dy)
+        yt.backward(dy)
+        for a, b, what in ((xs.grad, xt.grad, "dx"), (rs.grad, rt.grad, "d(residual)"),
+                           (m.weight.grad, ref.weight.grad, "dweight"),
+                           (m.bias.grad, ref.bias.grad, "dbias")):
+            assert torch.equal(a, b), what
+    for k, v in ref.state_dict().items():
+        assert torch.equal(m.state_dict()[k], v), k
+    m.eval()
+    ref.eval()
+    with torch.no_grad():
+        ye = ref(x0)
+        ye += r0
+        assert torch.equal(m(x0, r0), torch_act(ye)), "eval"
+    assert spy == {"train": 0, "eval": 0, "backward": 0, "eval_backward": 0}, "the custom Function ran"
+    # bad residuals still get the general path's errors, with nothing written
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    m.train()
+    with pytest.raises(ValueError, match="residual of the input's shape"):
+        m(x0, r0[:2])
+    with pytest.raises(ValueError, match="cast or move it"):
+        m(x0, r0.double())
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k
