@@ -39,6 +39,7 @@ from torch.nn.modules.batchnorm import _NormBase
 
 from .. import kernels
 from .._checks import (
+    ACTIVATIONS,
     check_activation,
     check_input,
     check_mask,
@@ -271,8 +272,12 @@ class _BatchNorm(_TorchBatchNorm):
         ``res``: the residual of ``act(BN(x) + res)`` (:mod:`batchnorm.core.residual`), which must
         then be a plain tensor of x's shape, dtype and device."""
         choice = kernels._choice
+        act = self.activation
+        # (the piecewise-linear activations go where the dispatcher says; the smooth ones, silu, gelu, …,
+        # run torch's kernel and activation op at every size: see _runs_native)
+        piecewise = act in native_backend.ACTIVATIONS
         if (self.channel_axis != 1 or choice not in ("auto", "native") or x.ndim not in self._ranks
-                or self.activation not in native_backend.ACTIVATIONS or not x.is_floating_point()):
+                or not (piecewise or act in ACTIVATIONS) or not x.is_floating_point()):
             return None
         bufs = self.__dict__["_buffers"]
         rm = bufs.get("running_mean")
@@ -283,10 +288,9 @@ class _BatchNorm(_TorchBatchNorm):
         if (c != self.num_features or n == 0 or not eps > 0 or (m is not None and not 0.0 <= m <= 1.0)
                 or (batch_stats and n // c <= 1)):
             return None
-        if choice == "auto" and x.is_cpu:
+        if choice == "auto" and piecewise and x.is_cpu:
             mode = "train" if batch_stats else "eval"
-            if (n >= kernels.NATIVE_BELOW[mode]
-                    and kernels.select(x, 1, self.activation, mode) is not native_backend):
+            if n >= kernels.NATIVE_BELOW[mode] and kernels.select(x, 1, act, mode) is not native_backend:
                 return None  # (our kernels run this one)
         p = self.__dict__["_parameters"].get("weight")
         if p is None:
@@ -390,7 +394,9 @@ class _BatchNorm(_TorchBatchNorm):
 
     def _activate(self, y, inplace: bool):
         """The fused activation as torch's op (in place on a fresh eager output: torch's BN backward
-        reads x, not y; leaky_relu/elu in place only for a positive slope, which their backward needs)."""
+        reads x, not y; leaky_relu/elu in place only for a positive slope, which their backward needs;
+        silu/hardswish/sigmoid/tanh in place too, their backward saving what it needs; gelu has no
+        in-place op)."""
         act, slope = self.activation, self.negative_slope
         if act == "identity":
             return y
@@ -400,7 +406,16 @@ class _BatchNorm(_TorchBatchNorm):
             return nn.functional.leaky_relu(y, slope, inplace=inplace and slope > 0)
         if act == "elu":
             return nn.functional.elu(y, slope, inplace=inplace and slope > 0)
-        return torch_backend.act_forward(y, act, slope)  # silu, gelu, …: torch's functional op
+        if inplace:  # torch's in-place ops, as torchvision's blocks run them (nn.SiLU(inplace=True), …)
+            if act == "silu":
+                return nn.functional.silu(y, inplace=True)
+            if act == "hardswish":
+                return nn.functional.hardswish(y, inplace=True)
+            if act == "sigmoid":
+                return torch.sigmoid_(y)
+            if act == "tanh":
+                return torch.tanh_(y)
+        return torch_backend.act_forward(y, act, slope)  # gelu (no in-place op), or capturing
 
     def _forward_captured(self, input):
         """The forward as torch's standard ops, for tracers and transforms (see :meth:`forward`)."""
