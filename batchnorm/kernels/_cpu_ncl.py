@@ -140,6 +140,9 @@ def _backward_ncl(x, dy, y, dx, mean, var, w, b, eps, train, sums, ac, nt, cst, 
     zero, one, neg, alpha = sv[0], sv[1], sv[2], sv[3]
     B = _ncl_block(N, L, x.itemsize, 4 if hasres else (3 if ac == 1 else 2), c0, c1)
     elu = ac == 1
+    # pass 2's dz: dy·act'(z) for BN + act; with a residual, the dz pass 1 wrote (act' is then 1: neg = one)
+    src = dres if hasres else dy
+    ng = one if hasres else neg
     gb = np.zeros(B)
     hb = np.zeros(B)
     inv = np.empty(B)
@@ -190,23 +193,13 @@ def _backward_ncl(x, dy, y, dx, mean, var, w, b, eps, train, sums, ac, nt, cst, 
                         z = d * sc + bc
                         dzs = dy[i, c, j] * _smooth_grad(np.float64(z), ac)
                         dx[i, c, j] = sc * dzs + q * d + r
-                elif hasres:  # dz was written by pass 1 (act' is 1 on it: neg = one)
-                    if nt:
-                        dxr = dx[i, c]
-                        for j in range(L):
-                            v = _dx1(x[i, c, j], dres[i, c, j], hi, lo, sc, bc, q, r, zero, one, one)
-                            _stream.store(dxr, j, v)
-                    else:
-                        for j in range(L):
-                            dx[i, c, j] = _dx1(x[i, c, j], dres[i, c, j], hi, lo, sc, bc, q, r, zero, one,
-                                               one)
                 elif nt:
                     dxr = dx[i, c]
                     for j in range(L):
-                        v = _dx1(x[i, c, j], dy[i, c, j], hi, lo, sc, bc, q, r, zero, one, neg)
+                        v = _dx1(x[i, c, j], src[i, c, j], hi, lo, sc, bc, q, r, zero, one, ng)
                         _stream.store(dxr, j, v)
                 else:
                     for j in range(L):
-                        dx[i, c, j] = _dx1(x[i, c, j], dy[i, c, j], hi, lo, sc, bc, q, r, zero, one, neg)
+                        dx[i, c, j] = _dx1(x[i, c, j], src[i, c, j], hi, lo, sc, bc, q, r, zero, one, ng)
     if nt:
         _stream.fence()
