@@ -10,6 +10,9 @@ cache (:mod:`batchnorm.kernels._numba_setup`) and then writes a **ready marker**
 call on (checked at most every 50 ms, a ``stat`` each time, until it is there) the numba kernels
 run, loaded from the cache in a fraction of a second.
 
+The masked-BN kernels (:mod:`batchnorm.kernels.masked_cpu`) are a third kind, ``masked``, compiled
+the first time a masked call would run them (meanwhile masked BN runs the torch composite).
+
 The marker is written last and atomically (a temporary file renamed into place), and numba writes
 each of its cache files the same way, so a process that exits or is killed early leaves either no
 marker (the next process starts the compile again) or a complete cache. The marker's name carries
@@ -36,7 +39,7 @@ __all__ = ["enabled", "marker_path", "ready"]
 
 _ENV = "BATCHNORM_WARMUP"
 _RECHECK_S = 0.05
-_KINDS = ("ncl", "mc")
+_KINDS = ("ncl", "mc", "masked")  # (masked: the masked-BN kernels of kernels.masked_cpu, (N, C, L) only)
 _DTYPES = ("f32", "f64")
 _ready: set[tuple[str, str]] = set()
 _children: dict[tuple[str, str], subprocess.Popen] = {}
@@ -65,7 +68,8 @@ def _stamp(runner: str) -> str:
         here = os.path.dirname(os.path.abspath(__file__))
         h = hashlib.sha256(f"{numba.__version__}|{sys.version}|{runner}".encode())
         for name in sorted(os.listdir(here)):
-            if name.endswith(".py") and (name.startswith("_cpu_") or name in ("_omp.py", "_stream.py")):
+            if name.endswith(".py") and (name.startswith("_cpu_") or name in ("_omp.py", "_stream.py",
+                                                                                 "masked_cpu.py")):
                 st = os.stat(os.path.join(here, name))
                 h.update(f"|{name}:{st.st_size}:{st.st_mtime_ns}".encode())
         s = _stamp_cache[runner] = h.hexdigest()[:16]
@@ -131,12 +135,24 @@ def _write_marker(path: str) -> None:
 
 def compile_now(kind: str, dtype: str) -> None:
     """Compile (or load) every kernel of ``kind`` × ``dtype`` in this process, on tiny inputs: train
-    forward (with and without a residual), backward, eval forward and backward."""
+    forward (with and without a residual), backward, eval forward and backward; for ``"masked"`` the
+    masked forward and backward."""
     import torch
 
     from . import select, use_backend
 
     dt = torch.float64 if dtype == "f64" else torch.float32
+    if kind == "masked":
+        from . import masked_cpu
+
+        x = torch.randn(4, 3, 5, dtype=dt)
+        mask = torch.ones(4, 5, dtype=torch.bool)
+        mask[0, 3:] = False
+        w, b = torch.ones(3, dtype=dt), torch.zeros(3, dtype=dt)
+        with use_backend("numba"):
+            y, m, v, n = masked_cpu.masked_forward(x, mask, w, b, 1e-5, 1, "relu", 0.0)
+            masked_cpu.masked_backward(torch.ones_like(x), x, y, mask, n, w, b, m, v, 1e-5, 1, "relu", 0.0)
+        return
     x = torch.randn((4, 3, 5) if kind == "ncl" else (16, 3), dtype=dt)
     with use_backend("numba"):  # (the numba backend module, found by the dispatcher: no import cycle)
         cpu = select(x, 1, "relu")
