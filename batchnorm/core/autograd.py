@@ -203,13 +203,20 @@ class MaskedBatchNormTrainFn(torch.autograd.Function):
 def _masked_impl(x, channel_axis, act):
     """Who computes the masked statistics and backward: the numba kernels
     (:mod:`batchnorm.kernels.masked_cpu`, imported on first use) where the numba backend would run
-    this input and it is channels-first contiguous; the torch composite
-    (:mod:`batchnorm.kernels.masked`) elsewhere, and always under ``torch.compile``."""
+    this input and it is channels-first contiguous, once they are compiled (in a fresh cache a
+    background process compiles them, :mod:`batchnorm.kernels._warmup` kind ``"masked"``, unless
+    numba is forced); the torch composite (:mod:`batchnorm.kernels.masked`) elsewhere, and always
+    under ``torch.compile``."""
     if torch.compiler.is_compiling() or kernels.select(x, channel_axis, act).name != "numba":
         return masked
-    from ..kernels import masked_cpu
+    from ..kernels import _warmup, masked_cpu
 
-    return masked_cpu if masked_cpu.supports(x, channel_axis) else masked
+    if not masked_cpu.supports(x, channel_axis):
+        return masked
+    if not (_warmup.ready("masked", "f64" if x.dtype == torch.float64 else "f32")
+            or kernels.get_backend() == "numba"):
+        return masked
+    return masked_cpu
 
 
 def _masked_forward(x, mask, weight, bias, eps, channel_axis, act, slope):

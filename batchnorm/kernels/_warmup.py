@@ -93,7 +93,8 @@ def _spawn(kind: str, dtype: str) -> subprocess.Popen:
     env = dict(os.environ)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env[_ENV] = "0"  # (the child compiles in-process)
-    return subprocess.Popen([sys.executable, "-m", "batchnorm.kernels._warmup", kind, dtype], env=env,
+    module = "batchnorm.kernels._warmup_masked" if kind == "masked" else "batchnorm.kernels._warmup"
+    return subprocess.Popen([sys.executable, "-m", module, kind, dtype], env=env,
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
 
@@ -135,24 +136,14 @@ def _write_marker(path: str) -> None:
 
 def compile_now(kind: str, dtype: str) -> None:
     """Compile (or load) every kernel of ``kind`` × ``dtype`` in this process, on tiny inputs: train
-    forward (with and without a residual), backward, eval forward and backward; for ``"masked"`` the
-    masked forward and backward."""
+    forward (with and without a residual), backward, eval forward and backward. (The ``"masked"``
+    kind compiles in :mod:`batchnorm.kernels._warmup_masked`, which imports the masked kernels: this
+    module must not, as they import it.)"""
     import torch
 
     from . import select, use_backend
 
     dt = torch.float64 if dtype == "f64" else torch.float32
-    if kind == "masked":
-        from . import masked_cpu
-
-        x = torch.randn(4, 3, 5, dtype=dt)
-        mask = torch.ones(4, 5, dtype=torch.bool)
-        mask[0, 3:] = False
-        w, b = torch.ones(3, dtype=dt), torch.zeros(3, dtype=dt)
-        with use_backend("numba"):
-            y, m, v, n = masked_cpu.masked_forward(x, mask, w, b, 1e-5, 1, "relu", 0.0)
-            masked_cpu.masked_backward(torch.ones_like(x), x, y, mask, n, w, b, m, v, 1e-5, 1, "relu", 0.0)
-        return
     x = torch.randn((4, 3, 5) if kind == "ncl" else (16, 3), dtype=dt)
     with use_backend("numba"):  # (the numba backend module, found by the dispatcher: no import cycle)
         cpu = select(x, 1, "relu")
@@ -164,15 +155,21 @@ def compile_now(kind: str, dtype: str) -> None:
     cpu.eval_backward(torch.ones_like(x), x, ye, w, b, m, v, 1e-5, 1, "relu", 0.0)
 
 
-def main(argv: list[str]) -> int:
-    if len(argv) != 2 or argv[0] not in _KINDS or argv[1] not in _DTYPES:
-        print(f"usage: python -m batchnorm.kernels._warmup {{{'|'.join(_KINDS)}}} {{{'|'.join(_DTYPES)}}}",
-              file=sys.stderr)
+def main(argv: list[str], compile_fn=None) -> int:
+    """The background process: compile ``argv = [kind, dtype]`` (with ``compile_fn(dtype)`` for the
+    kinds whose kernels live elsewhere: ``_warmup_masked``), then write the ready marker."""
+    kinds = _KINDS if compile_fn is not None else tuple(k for k in _KINDS if k != "masked")
+    if len(argv) != 2 or argv[0] not in kinds or argv[1] not in _DTYPES:
+        print(f"usage: python -m batchnorm.kernels._warmup {{{'|'.join(kinds)}}} {{{'|'.join(_DTYPES)}}} "
+              f"(masked: python -m batchnorm.kernels._warmup_masked masked {{f32|f64}})", file=sys.stderr)
         return 2
     kind, dtype = argv
     os.environ[_ENV] = "0"
     path = marker_path(kind, dtype)
-    compile_now(kind, dtype)
+    if compile_fn is not None:
+        compile_fn(dtype)
+    else:
+        compile_now(kind, dtype)
     if path is not None:
         _write_marker(path)
     return 0

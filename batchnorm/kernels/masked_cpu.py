@@ -48,7 +48,7 @@ import threading  # noqa: E402
 import numba as nb  # noqa: E402
 from numba import carray  # noqa: E402
 
-from . import _omp, _pool, _stream, _warmup  # noqa: E402
+from . import _omp, _pool, _stream  # noqa: E402
 from ._cpu_team import _at, _compile_callback, _parallel, _split  # noqa: E402
 from .cpu import _streams  # noqa: E402
 
@@ -353,15 +353,11 @@ def _addr(a: np.ndarray) -> int:
 
 
 def supports(x: torch.Tensor, channel_axis: int) -> bool:
-    """Channels-first contiguous float32/float64 CPU tensors (plain, not a subclass) — once these
-    kernels are compiled: until then (first use in a fresh cache) False, while a background process
-    compiles them (:mod:`batchnorm.kernels._warmup`, kind ``"masked"``), unless numba is forced."""
-    if not (type(x) is torch.Tensor and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-            and channel_axis == 1 and x.is_contiguous() and x.numel() > 0):
-        return False
-    from . import get_backend
-
-    return _warmup.ready("masked", "f64" if x.dtype == torch.float64 else "f32") or get_backend() == "numba"
+    """Channels-first contiguous float32/float64 CPU tensors (plain, not a subclass). (Whether the
+    kernels are compiled yet is the caller's question: :func:`batchnorm.core.autograd._masked_impl`
+    asks :mod:`batchnorm.kernels._warmup`, kind ``"masked"``.)"""
+    return (type(x) is torch.Tensor and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+            and channel_axis == 1 and x.is_contiguous() and x.numel() > 0)
 
 
 def _ncl(t: torch.Tensor):

@@ -73,27 +73,29 @@ def test_torch_serves_until_the_marker_appears(warm):
 
 
 def test_masked_bn_runs_the_composite_until_its_kernels_are_compiled(warm):
-    from batchnorm.kernels import masked_cpu
+    from batchnorm.core.autograd import _masked_impl
+    from batchnorm.kernels import masked, masked_cpu
 
     tmp_path, spawned = warm
     x = torch.randn(32, 64, 16, 16)
     mask = torch.rand(32, 16, 16) > 0.3
     m = batchnorm.BatchNorm2d(64)
-    assert not masked_cpu.supports(x, 1)
     with batchnorm.use_backend("numba"):
-        assert masked_cpu.supports(x, 1), "a forced numba backend compiles in-process instead"
+        assert _masked_impl(x, 1, "identity") is masked_cpu, "a forced numba compiles in-process instead"
     _warmup._write_marker(str(tmp_path / "ready-ncl-f32"))  # (the plain kernels are ready)
-    y_torch = m(x, mask=mask)  # composite: its kernels are not compiled yet
+    assert _masked_impl(x, 1, "identity") is masked
     assert ("masked", "f32") in spawned
+    y_torch = m(x, mask=mask)  # the composite, while the masked kernels compile
     _warmup._write_marker(str(tmp_path / "ready-masked-f32"))
-    assert masked_cpu.supports(x, 1)
+    assert _masked_impl(x, 1, "identity") is masked_cpu
     m2 = batchnorm.BatchNorm2d(64)
     assert torch.allclose(m2(x, mask=mask), y_torch, atol=1e-5)
     assert torch.allclose(m2.running_var, m.running_var, atol=1e-6)
 
 
 def test_the_masked_kind_compiles_in_a_child_command(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "batchnorm.kernels._warmup", "masked", "f64"],
+    assert _warmup.main(["masked", "f64"]) == 2, "the masked kind compiles in _warmup_masked"
+    out = subprocess.run([sys.executable, "-m", "batchnorm.kernels._warmup_masked", "masked", "f64"],
                          env=_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert [p for p in os.listdir(tmp_path) if p.startswith("batchnorm-ready-masked-f64")]
