@@ -4,7 +4,7 @@ For each model and memory layout (NCHW, channels-last) it times, **interleaved i
 variants take turns, rep after rep, so a noisy machine moves them alike):
 
 * ``train step``: forward + cross-entropy + backward + ``SGD.step`` (random weights and data);
-* ``eval``: images per second under ``no_grad`` in eval mode;
+* ``eval``: images per second under ``no_grad`` in eval mode (three times as many reps);
 
 for three variants of the same model (same weights). Speed-ups are the medians of each rep's own
 ratio (torch time / variant time: > 1 is faster than torch), the order of the variants reversing
@@ -277,7 +277,8 @@ def _case(name: str, fmt: str, batch: int, size: int, reps: int, warmup: int) ->
     folded = batchnorm.fold_bn(ref)
     evals = {"torch": ref, "ours": ours, "folded": folded}
     with torch.no_grad():
-        ev, ev_ratio = _interleaved({k: (lambda m=m: m(x)) for k, m in evals.items()}, reps, warmup)
+        # (an eval pass costs a fraction of a step, and its ratios scatter more: three times the reps)
+        ev, ev_ratio = _interleaved({k: (lambda m=m: m(x)) for k, m in evals.items()}, 3 * reps, warmup)
     return {"model": name, "source": source, "layout": fmt, "batch": batch, "size": size,
             "train_ms": {k: 1e3 * v for k, v in train.items()},
             "train_speedup": train_ratio["ours"],
