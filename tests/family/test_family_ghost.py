@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers.core_util import assert_empty_batch_changes_nothing
 from helpers.family_ref import (
     ghost_backward,
     ghost_forward,
@@ -421,27 +422,7 @@ def test_every_backend_matches_reference(backend, axis):
 
 
 # ---------------------------------------------------------------- empty batch (N = 0), as BatchNorm*
-def _assert_empty_batch_changes_nothing(layer, shape):
-    """An empty batch: an empty output, an empty dx, zero dγ/dβ, every buffer and parameter unchanged
-    (num_batches_tracked included)."""
-    import copy
-
-    state = copy.deepcopy(layer.state_dict())
-    params = [p.detach().clone() for p in layer.parameters()]
-    x = torch.randn(shape, requires_grad=True)
-    y = layer(x)
-    assert y.shape == x.shape
-    y.sum().backward()
-    assert x.grad is not None and x.grad.shape == x.shape
-    for p in layer.parameters():
-        if p.requires_grad:
-            assert p.grad is not None and torch.equal(p.grad, torch.zeros_like(p))
-    after = layer.state_dict()
-    assert state.keys() == after.keys()
-    for k, v in state.items():
-        assert torch.equal(v, after[k]), k
-    for p0, p in zip(params, layer.parameters()):
-        assert torch.equal(p0, p)
+# (assert_empty_batch_changes_nothing: tests/helpers/core_util.py)
 
 
 @pytest.mark.parametrize("cls,shape", [(GhostBatchNorm1d, (0, 3)), (GhostBatchNorm1d, (0, 3, 5)),
@@ -454,9 +435,9 @@ def test_ghost_empty_batch_changes_nothing(cls, shape, remainder, stats_update):
         layer.running_mean.uniform_(-1, 1)
         layer.running_var.uniform_(0.5, 2)
         layer.num_batches_tracked.fill_(3)
-    _assert_empty_batch_changes_nothing(layer, shape)
+    assert_empty_batch_changes_nothing(layer, shape)
     layer.eval()
-    _assert_empty_batch_changes_nothing(layer, shape)
+    assert_empty_batch_changes_nothing(layer, shape)
 
 
 def test_ghost_empty_batch_still_checks_the_shape():

@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers.core_util import assert_empty_batch_changes_nothing
 from helpers.family_ref import renorm_backward, renorm_forward, renorm_rd
 from helpers.util import assert_close
 from hypothesis import given
@@ -461,27 +462,7 @@ def test_every_backend_matches_paper(backend):
 
 
 # ---------------------------------------------------------------- empty batch (N = 0), as BatchNorm*
-def _assert_empty_batch_changes_nothing(layer, shape):
-    """An empty batch: an empty output, an empty dx, zero dγ/dβ, every buffer and parameter unchanged
-    (num_batches_tracked included)."""
-    import copy
-
-    state = copy.deepcopy(layer.state_dict())
-    params = [p.detach().clone() for p in layer.parameters()]
-    x = torch.randn(shape, requires_grad=True)
-    y = layer(x)
-    assert y.shape == x.shape
-    y.sum().backward()
-    assert x.grad is not None and x.grad.shape == x.shape
-    for p in layer.parameters():
-        if p.requires_grad:
-            assert p.grad is not None and torch.equal(p.grad, torch.zeros_like(p))
-    after = layer.state_dict()
-    assert state.keys() == after.keys()
-    for k, v in state.items():
-        assert torch.equal(v, after[k]), k
-    for p0, p in zip(params, layer.parameters()):
-        assert torch.equal(p0, p)
+# (assert_empty_batch_changes_nothing: tests/helpers/core_util.py)
 
 
 @pytest.mark.parametrize("cls,shape", [(BatchRenorm1d, (0, 3)), (BatchRenorm1d, (0, 3, 5)),
@@ -494,7 +475,7 @@ def test_renorm_empty_batch_changes_nothing(cls, shape, training):
         layer.running_var.uniform_(0.5, 2)
         layer.num_batches_tracked.fill_(7)
     layer.train(training)
-    _assert_empty_batch_changes_nothing(layer, shape)
+    assert_empty_batch_changes_nothing(layer, shape)
 
 
 def test_renorm_empty_batch_keeps_schedule_step():

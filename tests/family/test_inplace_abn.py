@@ -13,7 +13,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers.core_util import assert_state_unchanged, np64, ref_eval_backward, snapshot
+from helpers.core_util import (
+    assert_empty_batch_changes_nothing,
+    assert_state_unchanged,
+    np64,
+    ref_eval_backward,
+    snapshot,
+)
 from helpers.util import assert_close
 from hypothesis import given
 from hypothesis import strategies as st
@@ -391,27 +397,7 @@ def test_property_random_shapes_match_oracle(rank, c, n, last, act, slope, inpla
 
 
 # ---------------------------------------------------------------- empty batch (N = 0), as BatchNorm*
-def _assert_empty_batch_changes_nothing(layer, shape):
-    """An empty batch: an empty output, an empty dx, zero dγ/dβ, every buffer and parameter unchanged
-    (num_batches_tracked included)."""
-    import copy
-
-    state = copy.deepcopy(layer.state_dict())
-    params = [p.detach().clone() for p in layer.parameters()]
-    x = torch.randn(shape, requires_grad=True)
-    y = layer(x)
-    assert y.shape == x.shape
-    y.sum().backward()
-    assert x.grad is not None and x.grad.shape == x.shape
-    for p in layer.parameters():
-        if p.requires_grad:
-            assert p.grad is not None and torch.equal(p.grad, torch.zeros_like(p))
-    after = layer.state_dict()
-    assert state.keys() == after.keys()
-    for k, v in state.items():
-        assert torch.equal(v, after[k]), k
-    for p0, p in zip(params, layer.parameters()):
-        assert torch.equal(p0, p)
+# (assert_empty_batch_changes_nothing: tests/helpers/core_util.py)
 
 
 @pytest.mark.parametrize("cls,shape", [(InPlaceABN1d, (0, 3)), (InPlaceABN1d, (0, 3, 5)),
@@ -426,7 +412,7 @@ def test_inplace_abn_empty_batch_changes_nothing(cls, shape, activation, trainin
         layer.running_var.uniform_(0.5, 2)
         layer.num_batches_tracked.fill_(5)
     layer.train(training)
-    _assert_empty_batch_changes_nothing(layer, shape)
+    assert_empty_batch_changes_nothing(layer, shape)
 
 
 def test_inplace_abn_empty_batch_still_checks_the_shape():

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 
@@ -77,3 +79,24 @@ def np64(t) -> np.ndarray:
     if isinstance(t, torch.Tensor):
         return t.detach().cpu().to(torch.float64).numpy()
     return np.asarray(t, np.float64)
+
+
+def assert_empty_batch_changes_nothing(layer: torch.nn.Module, shape: tuple[int, ...]) -> None:
+    """An empty batch: an empty output, an empty dx, zero dγ/dβ, every buffer and parameter unchanged
+    (num_batches_tracked included)."""
+    state = copy.deepcopy(layer.state_dict())
+    params = [p.detach().clone() for p in layer.parameters()]
+    x = torch.randn(shape, requires_grad=True)
+    y = layer(x)
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+    for p in layer.parameters():
+        if p.requires_grad:
+            assert p.grad is not None and torch.equal(p.grad, torch.zeros_like(p))
+    after = layer.state_dict()
+    assert state.keys() == after.keys()
+    for k, v in state.items():
+        assert torch.equal(v, after[k]), k
+    for p0, p in zip(params, layer.parameters()):
+        assert torch.equal(p0, p)

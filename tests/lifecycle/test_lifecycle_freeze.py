@@ -7,6 +7,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from helpers.core_util import assert_empty_batch_changes_nothing
 from helpers.lifecycle_models import TinyResNet, randomize_bn
 from helpers.util import assert_close
 from torch import nn
@@ -204,27 +205,7 @@ def test_train_affine_must_be_a_bool(bad):
 
 
 # ---------------------------------------------------------------- empty batch (N = 0), as BatchNorm*
-def _assert_empty_batch_changes_nothing(layer, shape):
-    """An empty batch: an empty output, an empty dx, zero dγ/dβ, every buffer and parameter unchanged
-    (num_batches_tracked included)."""
-    import copy
-
-    state = copy.deepcopy(layer.state_dict())
-    params = [p.detach().clone() for p in layer.parameters()]
-    x = torch.randn(shape, requires_grad=True)
-    y = layer(x)
-    assert y.shape == x.shape
-    y.sum().backward()
-    assert x.grad is not None and x.grad.shape == x.shape
-    for p in layer.parameters():
-        if p.requires_grad:
-            assert p.grad is not None and torch.equal(p.grad, torch.zeros_like(p))
-    after = layer.state_dict()
-    assert state.keys() == after.keys()
-    for k, v in state.items():
-        assert torch.equal(v, after[k]), k
-    for p0, p in zip(params, layer.parameters()):
-        assert torch.equal(p0, p)
+# (assert_empty_batch_changes_nothing: tests/helpers/core_util.py)
 
 
 @pytest.mark.parametrize("shape", [(0, 3), (0, 3, 5), (0, 3, 4, 4), (0, 3, 2, 2, 2)])
@@ -239,12 +220,12 @@ def test_frozen_empty_batch_changes_nothing(shape, train_affine, activation, tra
         layer.weight.uniform_(0.5, 2)
         layer.num_batches_tracked.fill_(9)
     layer.train(training)
-    _assert_empty_batch_changes_nothing(layer, shape)
+    assert_empty_batch_changes_nothing(layer, shape)
 
 
 def test_frozen_empty_batch_channels_last_and_checks():
     layer = FrozenBatchNorm(3, channel_axis=-1, train_affine=True)
-    _assert_empty_batch_changes_nothing(layer, (0, 4, 4, 3))
+    assert_empty_batch_changes_nothing(layer, (0, 4, 4, 3))
     with pytest.raises(ValueError, match="channels"):
         FrozenBatchNorm(3)(torch.randn(0, 4, 2, 2))
     with pytest.raises(ValueError):
