@@ -102,15 +102,17 @@ def _transformed() -> bool:
     return _ft.maybe_current_level() is not None or _fwad._current_level >= 0
 
 
-def capturing() -> bool:
+def capturing(compiling: bool | None = None) -> bool:
     """Whether something other than eager execution is recording the ops: ``torch.jit.trace`` (also the
     TorchScript ONNX exporter), ``torch.export`` (also the dynamo ONNX exporter), or a functorch
     transform / forward-mode AD. There only standard torch ops give a correct graph (a numba kernel
     is invisible to a tracer and returns nothing a transform can differentiate), so the modules emit
     ``torch.nn.functional.batch_norm`` and the functional ops the composite reference. Under
     ``torch.compile`` (not exporting) this is False: our custom ops are kept whole there. Costs
-    about 0.2 µs (``is_compiling`` first: Dynamo folds it, and would not trace ``_is_tracing``)."""
-    if torch.compiler.is_compiling():
+    about 0.2 µs (``is_compiling`` first: Dynamo folds it, and would not trace ``_is_tracing``).
+    ``compiling``: ``torch.compiler.is_compiling()`` if the caller has it already (a hot path that
+    needs it too asks once)."""
+    if torch.compiler.is_compiling() if compiling is None else compiling:
         return torch.compiler.is_exporting()
     return torch._C._is_tracing() or _transformed()
 

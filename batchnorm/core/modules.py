@@ -48,7 +48,7 @@ from .._checks import (
 )
 from ..kernels import native_backend, torch_backend
 from . import functional as F
-from .autograd import _transformed
+from .autograd import capturing
 
 __all__ = [
     "CONVENTIONS",
@@ -226,8 +226,7 @@ class _BatchNorm(_TorchBatchNorm):
         a masked call refuses to be captured rather than record something else.
         """
         compiling = torch.compiler.is_compiling()
-        if type(input) is not torch.Tensor or (torch.compiler.is_exporting() if compiling else
-                                               torch._C._is_tracing() or _transformed()):  # = capturing()
+        if type(input) is not torch.Tensor or capturing(compiling):
             if mask is not None:
                 raise RuntimeError(f"{type(self).__name__}: a masked call cannot be captured as torch's "
                                    f"batch_norm, which has no mask; capture the model without mask=, or "
@@ -292,16 +291,9 @@ class _BatchNorm(_TorchBatchNorm):
             mode = "train" if batch_stats else "eval"
             if n >= kernels.NATIVE_BELOW[mode] and kernels.select(x, 1, act, mode) is not native_backend:
                 return None  # (our kernels run this one)
-        p = self.__dict__["_parameters"].get("weight")
-        if p is None:
-            p = rm
-        if p is not None and (p.dtype != x.dtype or p.device != x.device):
+        if not self._params_match(x) or not self._torch_flags(batch_stats):
             return None
-        if batch_stats:
-            if (training and rm is not None and self.track_running_stats
-                    and not (self.running_var_unbiased and self.nonfinite == "update")):
-                return None
-        elif x.dtype != torch.float64 and not self._well_conditioned():
+        if not batch_stats and x.dtype != torch.float64 and not self._well_conditioned():
             return None
         if res is not None and (type(res) is not torch.Tensor or res.shape != x.shape or res.dtype != x.dtype
                                 or res.device != x.device):
@@ -321,7 +313,8 @@ class _BatchNorm(_TorchBatchNorm):
         """Whether torch's ``batch_norm`` computes exactly this layer's step: always in inference; in a
         training step that updates running statistics only with torch's conventions (unbiased
         running variance, NaN batches folded in)."""
-        if not (batch_stats and self.training and self.track_running_stats and self.running_mean is not None):
+        if not (batch_stats and self.training and self.track_running_stats
+                and self.__dict__["_buffers"].get("running_mean") is not None):  # (no __getattr__: hot path)
             return True
         return self.running_var_unbiased and self.nonfinite == "update"
 
@@ -344,27 +337,25 @@ class _BatchNorm(_TorchBatchNorm):
         elif (kernels.get_backend() not in ("auto", "native")
               or not native_backend.supports(x, axis, "identity")):
             return False
-        p = self.__dict__["_parameters"].get("weight")
-        if p is None:
-            p = self.__dict__["_buffers"].get("running_mean")
-        if p is not None and (p.dtype != x.dtype or p.device != x.device):
+        if not self._params_match(x):
             return False  # mixed dtypes/devices: the functional path casts or explains
         if not batch_stats and x.dtype != torch.float64 and not self._well_conditioned():
             return False  # |running mean| ≫ std: torch's folded normalisation would lose digits
         return self._torch_flags(batch_stats)
 
+    def _params_match(self, x: torch.Tensor) -> bool:
+        """Whether γ (else the running mean) has x's dtype and device, as torch's kernel needs."""
+        p = self.__dict__["_parameters"].get("weight")
+        if p is None:
+            p = self.__dict__["_buffers"].get("running_mean")
+        return p is None or (p.dtype == x.dtype and p.device == x.device)
+
     def _well_conditioned(self) -> bool:
         """Whether torch's kernel normalises with the running statistics as accurately as ours
-        (``max |running_mean| / sqrt(running_var + ε)`` ≤ ``native_backend.MAX_SHIFT``); cached
-        until the buffers change (their version counters), so eval pays for it once."""
+        (``max |running_mean| / sqrt(running_var + ε)`` ≤ ``native_backend.MAX_SHIFT``; the answer is
+        cached there until the buffers change, so eval pays for it once)."""
         buffers = self.__dict__["_buffers"]
-        rm, rv = buffers["running_mean"], buffers["running_var"]
-        key = (id(rm), rm._version, id(rv), rv._version, self.eps)
-        cache = self.__dict__.get("_conditioning")
-        if cache is None or cache[0] != key:
-            cache = (key, not native_backend.ill_conditioned(rm, rv, self.eps))
-            self.__dict__["_conditioning"] = cache
-        return cache[1]
+        return not native_backend.ill_conditioned(buffers["running_mean"], buffers["running_var"], self.eps)
 
     def _forward_native(self, x, axis: int, batch_stats: bool, batch_norm, inplace_act: bool, res=None):
         """torch's ``_BatchNorm.forward`` (same statements, same order, same numbers) on channels moved

@@ -282,7 +282,8 @@ class _BatchNormAddAct(_BatchNormAct):
     """Base of the fused BN + residual add + activation modules: ``forward(input, residual)``."""
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        if type(input) is torch.Tensor and not torch.compiler.is_compiling() and not capturing():
+        compiling = torch.compiler.is_compiling()
+        if type(input) is torch.Tensor and not compiling and not capturing(compiling):
             # small inputs and devices without our kernels: torch's batch_norm, add_ and activation op,
             # as torch's own block runs them (a custom Function around them cost 40-50 µs a call)
             y = self._forward_fast(input, residual)
