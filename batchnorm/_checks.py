@@ -69,6 +69,28 @@ def check_input(
     return x, axis
 
 
+def check_input_shape(op: str, input: torch.Tensor, *, ranks: tuple[int, ...], channel_axis: int,
+                      num_features: int, training: bool = False) -> int:
+    """:func:`check_input`'s checks (and messages) from shape and dtype alone, on a meta stand-in: safe
+    under tracers (no ``numel`` to record) and for empty batches (whose empty dimensions other than
+    the channels get 2 entries in the stand-in). Returns the channel axis, made non-negative."""
+    nd, ca = input.ndim, channel_axis
+    ax = ca % nd if nd and -nd <= ca < nd else None
+    shape = [d if (d or i == ax) else 2 for i, d in enumerate(input.shape)]
+    if ax is not None and shape[ax] == 0 and nd in ranks and input.is_floating_point():
+        if num_features == 0:
+            return ax  # a layer of 0 features: nothing more to check
+        raise ValueError(f"{op}: expected {num_features} channels on axis {ax}, got 0 (input shape "
+                         f"{tuple(input.shape)}); build the layer with num_features=0, or set "
+                         f"channel_axis to the axis that holds the channels")
+    stand_in = torch.empty(shape, dtype=input.dtype, device="meta")
+    try:
+        return check_input(op, stand_in, ranks=ranks, channel_axis=ca, num_features=num_features,
+                           training=training)[1]
+    except ValueError as e:  # the message names the real shape, not the stand-in's
+        raise ValueError(str(e).replace(str(tuple(shape)), str(tuple(input.shape)))) from None
+
+
 def check_channel_tensor(op: str, name: str, t: object, c: int, *, x: torch.Tensor | None = None) -> None:
     """``t`` must be None or a floating 1-D tensor of ``c`` elements (on ``x``'s device)."""
     if t is None:

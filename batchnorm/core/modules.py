@@ -42,6 +42,7 @@ from .._checks import (
     ACTIVATIONS,
     check_activation,
     check_input,
+    check_input_shape,
     check_mask,
     check_momentum,
     check_nonfinite,
@@ -446,24 +447,9 @@ class _BatchNorm(_TorchBatchNorm):
         return self._forward_native(input, axis, batch_stats, fn, inplace_act=False)
 
     def _check_shape(self, op: str, input: torch.Tensor, batch_stats: bool) -> int:
-        """``check_input``'s checks (and messages) from shape and dtype alone, on a meta stand-in: safe
-        under tracers (no ``numel`` to record) and for empty batches (whose empty dimensions other than
-        the channels get 2 entries in the stand-in). Returns the channel axis, made non-negative."""
-        nd, ca = input.ndim, self.channel_axis
-        ax = ca % nd if nd and -nd <= ca < nd else None
-        shape = [d if (d or i == ax) else 2 for i, d in enumerate(input.shape)]
-        if ax is not None and shape[ax] == 0 and nd in self._ranks and input.is_floating_point():
-            if self.num_features == 0:
-                return ax  # a layer of 0 features: nothing more to check
-            raise ValueError(f"{op}: expected {self.num_features} channels on axis {ax}, got 0 (input shape "
-                             f"{tuple(input.shape)}); build the layer with num_features=0, or set "
-                             f"channel_axis to the axis that holds the channels")
-        stand_in = torch.empty(shape, dtype=input.dtype, device="meta")
-        try:
-            return check_input(op, stand_in, ranks=self._ranks, channel_axis=ca,
-                               num_features=self.num_features, training=batch_stats)[1]
-        except ValueError as e:  # the message names the real shape, not the stand-in's
-            raise ValueError(str(e).replace(str(tuple(shape)), str(tuple(input.shape)))) from None
+        """:func:`batchnorm._checks.check_input_shape` for this layer (tracers, empty batches)."""
+        return check_input_shape(op, input, ranks=self._ranks, channel_axis=self.channel_axis,
+                                 num_features=self.num_features, training=batch_stats)
 
     def _forward_empty(self, input: torch.Tensor, batch_stats: bool) -> torch.Tensor:
         """An empty batch (``N = 0``, e.g. a detection head without proposals): an empty output connected

@@ -37,7 +37,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .._checks import check_activation, check_eps, check_input, check_num_features
+from .._checks import check_activation, check_eps, check_input, check_input_shape, check_num_features
 from ..core import _bnlayers
 from ..core import functional as F
 from ..core.modules import (
@@ -168,20 +168,11 @@ class FrozenBatchNorm(nn.Module):
     def _forward_empty(self, input: torch.Tensor) -> torch.Tensor:
         """An empty batch (``N = 0``), as the BatchNorm* layers: an empty output connected to the graph
         (an empty ``dx``, zero ``dγ``/``dβ``), buffers untouched. The checks are ``check_input``'s, run
-        on a stand-in whose empty non-channel dimensions hold 2 entries."""
-        op = type(self).__name__
-        nd, ca = input.ndim, self.channel_axis
-        ax = ca % nd if nd and -nd <= ca < nd else None
-        shape = [d if (d or i == ax) else 2 for i, d in enumerate(input.shape)]
-        if ax is not None and shape[ax] == 0 and nd in self.ranks and input.is_floating_point() \
-                and self.num_features == 0:
+        on a stand-in whose empty non-channel dimensions hold 2 entries (``check_input_shape``)."""
+        axis = check_input_shape(type(self).__name__, input, ranks=self.ranks, channel_axis=self.channel_axis,
+                                 num_features=self.num_features)
+        if input.shape[axis] == 0:  # a layer of 0 features
             return input.clone()
-        stand_in = torch.empty(shape, dtype=input.dtype, device="meta")
-        try:
-            axis = check_input(op, stand_in, ranks=self.ranks, channel_axis=ca,
-                               num_features=self.num_features)[1]
-        except ValueError as e:  # the message names the real shape, not the stand-in's
-            raise ValueError(str(e).replace(str(tuple(shape)), str(tuple(input.shape)))) from None
         w, b = self.weight, self.bias
         w = w if w is None or w.dtype == input.dtype else w.to(input.dtype)
         b = b if b is None or b.dtype == input.dtype else b.to(input.dtype)
