@@ -385,29 +385,11 @@ class _BatchNorm(_TorchBatchNorm):
         return self._activate(y if axis == 1 else y.movedim(1, axis), inplace_act)
 
     def _activate(self, y, inplace: bool):
-        """The fused activation as torch's op (in place on a fresh eager output: torch's BN backward
-        reads x, not y; leaky_relu/elu in place only for a positive slope, which their backward needs;
-        silu/hardswish/sigmoid/tanh in place too, their backward saving what it needs; gelu has no
-        in-place op)."""
-        act, slope = self.activation, self.negative_slope
-        if act == "identity":
-            return y
-        if act == "relu":
-            return torch.relu_(y) if inplace else torch.relu(y)
-        if act == "leaky_relu":
-            return nn.functional.leaky_relu(y, slope, inplace=inplace and slope > 0)
-        if act == "elu":
-            return nn.functional.elu(y, slope, inplace=inplace and slope > 0)
-        if inplace:  # torch's in-place ops, as torchvision's blocks run them (nn.SiLU(inplace=True), …)
-            if act == "silu":
-                return nn.functional.silu(y, inplace=True)
-            if act == "hardswish":
-                return nn.functional.hardswish(y, inplace=True)
-            if act == "sigmoid":
-                return torch.sigmoid_(y)
-            if act == "tanh":
-                return torch.tanh_(y)
-        return torch_backend.act_forward(y, act, slope)  # gelu (no in-place op), or capturing
+        """The fused activation as torch's op: in place on a fresh eager output where torch has such an
+        op (torch's BN backward reads x, not y; :func:`batchnorm.kernels.torch_backend.act_forward_`),
+        out of place while capturing."""
+        fn = torch_backend.act_forward_ if inplace else torch_backend.act_forward
+        return fn(y, self.activation, self.negative_slope)
 
     def _forward_captured(self, input):
         """The forward as torch's standard ops, for tracers and transforms (see :meth:`forward`)."""

@@ -30,14 +30,12 @@ import torch
 
 from . import native_backend
 from .native_backend import backward, eval_backward
-from .torch_backend import act_forward
+from .torch_backend import act_forward_
 
 __all__ = ["backward", "eval_backward", "eval_forward_residual", "name", "supports", "supports_residual",
            "train_forward_residual"]
 
 name = "native"
-
-_F = torch.nn.functional
 
 
 def supports(x: torch.Tensor, channel_axis: int, act: str) -> bool:
@@ -53,18 +51,7 @@ def supports_residual(x: torch.Tensor, res: torch.Tensor, channel_axis: int, act
 
 def _add_act_(y: torch.Tensor, res: torch.Tensor, act: str, slope: float) -> torch.Tensor:
     """``act(y + res)`` in place on ``y`` (a fresh output) where torch has the in-place op."""
-    y.add_(res)
-    if act in native_backend.ACTIVATIONS:
-        return native_backend._act_(y, act, slope)
-    if act == "silu":
-        return _F.silu(y, inplace=True)
-    if act == "hardswish":
-        return _F.hardswish(y, inplace=True)
-    if act == "sigmoid":
-        return y.sigmoid_()
-    if act == "tanh":
-        return y.tanh_()
-    return act_forward(y, act, slope)  # gelu, gelu_tanh: no in-place op
+    return act_forward_(y.add_(res), act, slope)
 
 
 def train_forward_residual(x, res, weight, bias, eps, channel_axis, act, slope):

@@ -54,6 +54,30 @@ def act_forward(z: torch.Tensor, act: str, slope: float) -> torch.Tensor:
     raise ValueError(f"batchnorm: unknown activation {act!r}")
 
 
+def act_forward_(z: torch.Tensor, act: str, slope: float) -> torch.Tensor:
+    """``act(z)`` written into ``z`` (a fresh output no one else holds) where torch has an in-place op
+    that autograd accepts — relu, silu, hardswish, sigmoid, tanh, and leaky_relu/elu with a positive
+    slope (their backward reads act' from the output) — as torchvision's blocks run them
+    (``nn.ReLU(inplace=True)``, …); else :func:`act_forward` (gelu has no in-place op)."""
+    if act == "identity":
+        return z
+    if act == "relu":
+        return torch.relu_(z)
+    if act == "leaky_relu" and slope > 0:
+        return torch.nn.functional.leaky_relu(z, slope, inplace=True)
+    if act == "elu" and slope > 0:
+        return torch.nn.functional.elu(z, slope, inplace=True)
+    if act == "silu":
+        return torch.nn.functional.silu(z, inplace=True)
+    if act == "hardswish":
+        return torch.nn.functional.hardswish(z, inplace=True)
+    if act == "sigmoid":
+        return torch.sigmoid_(z)
+    if act == "tanh":
+        return torch.tanh_(z)
+    return act_forward(z, act, slope)
+
+
 def act_grad_from_output(y: torch.Tensor, act: str, slope: float) -> torch.Tensor | None:
     """d act/dz expressed through the output y = act(z) (None for identity).
 
